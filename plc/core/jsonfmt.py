@@ -1,0 +1,102 @@
+"""JSON exactly as the reference server writes it (spec §1.1, §1.9) and ms timestamps.
+
+- Ops are stored by the reference as Postgres jsonb (object keys sorted by UTF-8 byte length,
+  then bytewise; last duplicate wins) and read back through V8 (integer-like keys move to the
+  front, ascending). `op_order` applies that to every object inside an op, recursively.
+- V8's JSON.stringify output equals orjson's for every string that can be stored: compact,
+  raw UTF-8 (U+2028/9 and DEL raw), short escapes for \\b\\f\\n\\r\\t, `\\u00xx` for other C0
+  controls. Lone surrogates cannot reach us (orjson refuses them; jsonb refuses them too).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import orjson
+
+_MAX_INDEX = 4294967294
+
+
+def is_array_index(key: str) -> bool:
+    """V8's 'integer-like' property name: a canonical array index 0..2^32-2."""
+    if not key or not key.isascii() or not key.isdigit():
+        return False
+    if len(key) > 1 and key[0] == "0":
+        return False
+    return int(key) <= _MAX_INDEX
+
+
+def _jsonb_key(key: str) -> tuple[int, int, bytes]:
+    if is_array_index(key):
+        return (0, int(key), b"")
+    b = key.encode()
+    return (1, len(b), b)
+
+
+def op_order(value: Any) -> Any:
+    """Reorder every object inside a stored op the way jsonb + V8 would (spec §1.9)."""
+    if isinstance(value, dict):
+        return {k: op_order(value[k]) for k in sorted(value, key=_jsonb_key)}
+    if isinstance(value, list):
+        return [op_order(v) for v in value]
+    return value
+
+
+def sorted_keys(obj: dict[str, Any]) -> list[str]:
+    """The keys of one object in jsonb + V8 order."""
+    return sorted(obj, key=_jsonb_key)
+
+
+def v8_order(value: Any) -> Any:
+    """What JSON.parse → JSON.stringify does to key order: integer-like keys first
+    (ascending), the rest in their original order. Used where the reference echoes a body."""
+    if isinstance(value, dict):
+        ints = sorted((k for k in value if is_array_index(k)), key=int)
+        if ints:
+            keys = ints + [k for k in value if not is_array_index(k)]
+        else:
+            keys = list(value)
+        return {k: v8_order(value[k]) for k in keys}
+    if isinstance(value, list):
+        return [v8_order(v) for v in value]
+    return value
+
+
+def dumps(value: Any) -> bytes:
+    """Compact V8-compatible JSON bytes (keys in the dict's own order)."""
+    return orjson.dumps(value)
+
+
+def dumps_str(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def js_stringify(value: Any) -> str:
+    """JSON.stringify of a parsed JSON body, key order as V8 would keep it."""
+    return orjson.dumps(v8_order(value)).decode()
+
+
+# ----------------------------------------------------------------------------- timestamps
+def format_ms(ms: int) -> str:
+    """JS toISOString(): `YYYY-MM-DDTHH:MM:SS.mmmZ`."""
+    secs, milli = divmod(ms, 1000)
+    dt = datetime.fromtimestamp(secs, tz=timezone.utc)
+    return f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d}T{dt.hour:02d}:{dt.minute:02d}:{dt.second:02d}.{milli:03d}Z"
+
+
+def parse_ms(text: str) -> int:
+    """Parse an RFC 3339 / ISO 8601 UTC timestamp to integer ms (sub-ms digits truncated).
+
+    Raises ValueError for anything that is not a full date-time with an explicit offset.
+    """
+    if not isinstance(text, str) or len(text) < 20 or text[10] not in "Tt":
+        raise ValueError(f"not an RFC 3339 timestamp: {text!r}")
+    dt = datetime.fromisoformat(text.replace("z", "Z"))
+    if dt.tzinfo is None:
+        raise ValueError(f"timestamp without offset: {text!r}")
+    return (dt - _EPOCH) // _MS
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MS = timedelta(milliseconds=1)

@@ -1,0 +1,172 @@
+"""Strict signature decoding, verification and low-S signing (spec §3.3).
+
+A `sig` is unpadded base64url of a 64-byte compact `r||s` ECDSA-SHA256 signature with low S.
+Verification of secp256k1 uses libsecp256k1 (coincurve); P-256 uses OpenSSL (cryptography)
+with an explicit low-S check.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+
+import coincurve
+from coincurve.context import GLOBAL_CONTEXT
+from coincurve.ecdsa import der_to_cdata, deserialize_compact, lib, serialize_compact
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, utils
+
+from .didkey import K256, P256, PublicKey, format_did_key, parse_rotation_key
+from .errors import OpError, Reason
+
+N_K256 = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+N_P256 = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+HALF_N = {K256: N_K256 // 2, P256: N_P256 // 2}
+ORDER = {K256: N_K256, P256: N_P256}
+
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+_P256_ALG = ec.ECDSA(utils.Prehashed(hashes.SHA256()))
+_CTX = GLOBAL_CONTEXT.ctx
+
+
+class SigDecodeError(ValueError):
+    def __init__(self, reason: str, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.status = status
+
+
+def decode_sig(sig: str) -> bytes:
+    """Strictly decode a `sig` string to 64 bytes, or raise SigDecodeError.
+
+    Status codes follow the reference: a trailing '=' and a wrong length are 400 (invalid
+    signature); a non-alphabet character (including whitespace, '+', '/', an inner '=') and
+    non-zero unused tail bits make its base64 decoder throw, which it answers with 500.
+    """
+    if sig.endswith("="):
+        raise SigDecodeError(Reason.SIG_PADDING, 400, "signature has base64 padding")
+    if _B64URL.fullmatch(sig) is None:
+        raise SigDecodeError(Reason.SIG_ENCODING, 500, "Non-base64url character")
+    rem = len(sig) % 4
+    if rem == 1:
+        raise SigDecodeError(Reason.SIG_ENCODING, 500, "Unexpected end of data")
+    raw = base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4))
+    # canonical: re-encoding must give the same text (unused tail bits are zero)
+    if rem and base64.urlsafe_b64encode(raw).rstrip(b"=").decode() != sig:
+        raise SigDecodeError(Reason.SIG_ENCODING, 500, "Unexpected end of data")
+    if len(raw) != 64:
+        raise SigDecodeError(Reason.SIG_LENGTH, 400, f"signature is {len(raw)} bytes, not 64")
+    return raw
+
+
+def encode_sig(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def is_low_s(curve: str, sig64: bytes) -> bool:
+    s = int.from_bytes(sig64[32:], "big")
+    return 0 < s <= HALF_N[curve]
+
+
+def verify_digest(key: PublicKey, digest: bytes, sig64: bytes) -> bool:
+    """Verify a compact low-S signature over a SHA-256 digest. High S never verifies."""
+    if not is_low_s(key.curve, sig64):
+        return False
+    if key.curve == K256:
+        try:
+            sig_c = deserialize_compact(sig64)
+        except ValueError:
+            return False
+        return bool(lib.secp256k1_ecdsa_verify(_CTX, sig_c, digest, key.handle.public_key))  # type: ignore[attr-defined]
+    r = int.from_bytes(sig64[:32], "big")
+    s = int.from_bytes(sig64[32:], "big")
+    if not 0 < r < N_P256:
+        return False
+    try:
+        key.handle.verify(utils.encode_dss_signature(r, s), digest, _P256_ALG)  # type: ignore[attr-defined]
+    except InvalidSignature:
+        return False
+    return True
+
+
+def first_verifying_key(keys: list[str] | tuple[str, ...], digest: bytes, sig64: bytes) -> int:
+    """Index of the first key (in list order) whose signature check passes, or -1.
+
+    Keys that do not parse as k256/p256 did:keys can never verify and are skipped.
+    """
+    for i, k in enumerate(keys):
+        pk = parse_rotation_key(k)
+        if pk is not None and verify_digest(pk, digest, sig64):
+            return i
+    return -1
+
+
+def sig_error(exc: SigDecodeError, op_json: str) -> OpError:
+    if exc.status == 500:
+        return OpError(exc.reason, "Internal Server Error", 500)
+    return OpError(exc.reason, f"Invalid signature on op: {op_json}", 400)
+
+
+# ----------------------------------------------------------------------------- signing
+class SigningKey:
+    """A private key that signs PLC operations with low-S compact signatures (deterministic,
+    RFC 6979). For tests and the generator."""
+
+    def __init__(self, curve: str, secret: bytes) -> None:
+        self.curve = curve
+        self.secret = secret
+        if curve == K256:
+            self._k = coincurve.PrivateKey(secret)
+            compressed = self._k.public_key.format(compressed=True)
+        elif curve == P256:
+            self._k = ec.derive_private_key(int.from_bytes(secret, "big"), ec.SECP256R1())
+            from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+            compressed = self._k.public_key().public_bytes(Encoding.X962, PublicFormat.CompressedPoint)
+        else:
+            raise ValueError(f"unknown curve {curve}")
+        self.did_key = format_did_key(curve, compressed)
+
+    @classmethod
+    def from_seed(cls, curve: str, seed: bytes) -> "SigningKey":
+        """A key derived deterministically from arbitrary seed bytes."""
+        n = ORDER[curve]
+        d = int.from_bytes(hashlib.sha256(b"plc-key:" + seed).digest(), "big") % (n - 1) + 1
+        return cls(curve, d.to_bytes(32, "big"))
+
+    def sign_raw(self, data: bytes, *, high_s: bool = False) -> bytes:
+        """64-byte compact signature over sha256(data); low-S unless high_s is asked for."""
+        if self.curve == K256:
+            sig = serialize_compact(der_to_cdata(self._k.sign(data)))
+        else:
+            der = self._k.sign(data, ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
+            r, s = utils.decode_dss_signature(der)
+            sig = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+        r_b, s = sig[:32], int.from_bytes(sig[32:], "big")
+        n = ORDER[self.curve]
+        if (s > n // 2) != high_s:
+            s = n - s
+        return r_b + s.to_bytes(32, "big")
+
+    def sign(self, data: bytes) -> str:
+        return encode_sig(self.sign_raw(data))
+
+
+def der_encode(sig64: bytes) -> bytes:
+    """DER form of a compact signature (to build invalid test data)."""
+    return utils.encode_dss_signature(int.from_bytes(sig64[:32], "big"), int.from_bytes(sig64[32:], "big"))
+
+
+__all__ = [
+    "SigDecodeError",
+    "SigningKey",
+    "decode_sig",
+    "encode_sig",
+    "first_verifying_key",
+    "is_low_s",
+    "verify_digest",
+    "der_encode",
+    "sig_error",
+]

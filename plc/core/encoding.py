@@ -32,8 +32,7 @@ def op_cid(op: dict[str, Any]) -> str:
 
 
 def did_for_cbor(signed: bytes) -> str:
-    digest = hashlib.sha256(signed).digest()
-    return "did:plc:" + base64.b32encode(digest).decode().lower()[:24]
+    return "did:plc:" + libipld.encode_multibase("b", hashlib.sha256(signed).digest())[1:25]
 
 
 def did_for_genesis(op: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ import hashlib
 import re
 
 import coincurve
+import libipld
 from coincurve.context import GLOBAL_CONTEXT
 from coincurve.ecdsa import der_to_cdata, deserialize_compact, lib, serialize_compact
 from cryptography.exceptions import InvalidSignature
@@ -45,6 +46,15 @@ def decode_sig(sig: str) -> bytes:
     signature); a non-alphabet character (including whitespace, '+', '/', an inner '=') and
     non-zero unused tail bits make its base64 decoder throw, which it answers with 500.
     """
+    # Fast path: libipld's multibase decoder is strict (alphabet, no padding, zero tail bits);
+    # anything it refuses is classified below.
+    try:
+        raw = libipld.decode_multibase("u" + sig)[1]
+    except ValueError:
+        pass
+    else:
+        if len(raw) == 64:
+            return raw
     if sig.endswith("="):
         raise SigDecodeError(Reason.SIG_PADDING, 400, "signature has base64 padding")
     if _B64URL.fullmatch(sig) is None:

@@ -23,7 +23,7 @@ from .encoding import authority_keys, canonical_cid, cid_for_cbor, dag_cbor, did
 from .errors import MISORDERED_TEXT, OpError, Reason
 from .jsonfmt import dumps_str, op_order, v8_order
 from .limits import check_fields, check_rate, check_size
-from .shape import CREATE, OPERATION, TOMBSTONE, has_unstorable_text, require_shape, schema_ordered
+from .shape import CREATE, OPERATION, SURROGATE, TOMBSTONE, require_shape, schema_ordered, unstorable_text
 from .didkey import parse_rotation_key
 from .signatures import SigDecodeError, decode_sig, first_verifying_key, is_low_s, sig_error
 
@@ -130,13 +130,16 @@ def check_op(
     Raises OpError; returns what to store.
     """
     submit = mode == SUBMIT
+    unstorable = unstorable_text(op) if raw is None or b"\\u" in raw else None
+    # A lone surrogate cannot even be encoded; a NUL is found by the reference only in its
+    # database, after every other check (submit), and is refused at once in replay.
+    if unstorable == SURROGATE or (unstorable and not submit):
+        raise OpError(Reason.NUL_CHARACTER, "Internal Server Error", 500)
     if submit:
         check_size(op)
     kind = require_shape(op, allow_create=not submit)
     if submit and kind == OPERATION:
         check_fields(op)
-    if not submit and (raw is None or b"\\u0000" in raw) and has_unstorable_text(op):
-        raise OpError(Reason.NUL_CHARACTER, "Internal Server Error", 500)
 
     signed = dag_cbor(op)
     computed_cid = cid_for_cbor(signed)
@@ -212,7 +215,7 @@ def check_op(
         acc = Accepted(
             did, computed_cid, created_at, op, authority_keys(op), signer, tombstone, prev, list(nullified)
         )
-    if submit and has_unstorable_text(op):
+    if unstorable:
         raise OpError(Reason.NUL_CHARACTER, "Internal Server Error", 500)
     return acc
 

@@ -31,7 +31,7 @@ class Reason:
     LEGACY_CREATE_SUBMITTED = "legacy_create_submitted"  # a new `create` op (submit mode only)
     TOO_LARGE = "too_large"  # DAG-CBOR over 4000 bytes (submit)
     CONSTRAINT = "constraint"  # a count/length/key-format limit (submit)
-    NUL_CHARACTER = "nul_character"  # U+0000 or a lone surrogate: cannot be stored (jsonb)
+    NUL_CHARACTER = "nul_character"  # U+0000 or a lone surrogate: jsonb cannot store it (500)
     CID_MISMATCH = "cid_mismatch"  # upstream's cid differs from the computed one (replay)
     # signatures
     SIG_ENCODING = "sig_encoding"  # not strict unpadded base64url (the reference answers 500)

@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -73,8 +75,49 @@ def dumps_str(value: Any) -> str:
 
 
 def js_stringify(value: Any) -> str:
-    """JSON.stringify of a parsed JSON body, key order as V8 would keep it."""
-    return orjson.dumps(v8_order(value)).decode()
+    """JSON.stringify of a parsed JSON body, key order and number text as V8 would give them."""
+    return orjson.dumps(_js_numbers(v8_order(value))).decode()
+
+
+def js_number(value: int | float) -> str:
+    """How V8 prints a JSON number after JSON.parse: the value as a double, shortest round-trip
+    digits, plain notation from 1e-6 up to (not incl.) 1e21, exponent form outside (ECMA-262
+    Number::toString); -0 prints as 0, non-finite values as null."""
+    try:
+        x = float(value)
+    except OverflowError:
+        return "null"
+    if x != x or x in (math.inf, -math.inf):
+        return "null"
+    if x == 0:
+        return "0"
+    if x < 0:
+        return "-" + js_number(-x)
+    _, digit_tuple, exp = Decimal(repr(x)).normalize().as_tuple()
+    s = "".join(map(str, digit_tuple))
+    k = len(s)
+    n = int(exp) + k  # the decimal point sits after n digits of s
+    if k <= n <= 21:
+        return s + "0" * (n - k)
+    if 0 < n <= 21:
+        return s[:n] + "." + s[n:]
+    if -6 < n <= 0:
+        return "0." + "0" * (-n) + s
+    e = n - 1
+    mantissa = s if k == 1 else s[0] + "." + s[1:]
+    return f"{mantissa}e{'+' if e >= 0 else '-'}{abs(e)}"
+
+
+def _js_numbers(value: Any) -> Any:
+    """Numbers replaced by raw JSON fragments holding V8's text for them (bools untouched)."""
+    t = type(value)
+    if t is int or t is float:
+        return orjson.Fragment(js_number(value))
+    if t is dict:
+        return {k: _js_numbers(v) for k, v in value.items()}
+    if t is list:
+        return [_js_numbers(v) for v in value]
+    return value
 
 
 # ----------------------------------------------------------------------------- timestamps

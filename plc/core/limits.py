@@ -36,7 +36,7 @@ def js_len(s: str) -> int:
     """String length in UTF-16 code units, as JavaScript counts it."""
     if s.isascii():
         return len(s)
-    return len(s.encode("utf-16-le")) // 2
+    return len(s.encode("utf-16-le", "surrogatepass")) // 2
 
 
 def _limit(message: str) -> OpError:

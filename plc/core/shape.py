@@ -8,6 +8,7 @@ a strict verifier rejects them.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from .errors import OpError, Reason
@@ -87,8 +88,12 @@ def invalid_shape(body: Any) -> OpError:
 def require_shape(op: Any, *, allow_create: bool) -> str:
     """The op type, or OpError(invalid_shape) with the reference's message."""
     t = op_type(op)
-    if t is None or (t == CREATE and not allow_create):
+    if t is None:
         raise invalid_shape(op)
+    if t == CREATE and not allow_create:
+        err = invalid_shape(op)
+        err.reason = Reason.LEGACY_CREATE_SUBMITTED
+        raise err
     return t
 
 
@@ -100,12 +105,29 @@ def schema_ordered(op: dict[str, Any]) -> dict[str, Any]:
     return {k: op[k] for k in order if k in op}
 
 
-def has_unstorable_text(value: Any) -> bool:
-    """True if any string holds U+0000 (Postgres jsonb refuses it: the reference answers 500)."""
+_SURROGATE = re.compile("[\ud800-\udfff]")
+NUL = "nul"
+SURROGATE = "surrogate"
+
+
+def unstorable_text(value: Any) -> str | None:
+    """`nul` if a string (key or value) holds U+0000, `surrogate` if one holds a lone surrogate,
+    else None. Postgres jsonb refuses both; the reference answers 500. orjson never produces a
+    lone surrogate, other JSON parsers may."""
     if type(value) is str:
-        return "\x00" in value
+        if _SURROGATE.search(value) is not None:
+            return SURROGATE
+        return NUL if "\x00" in value else None
+    found = None
     if type(value) is dict:
-        return any(has_unstorable_text(k) or has_unstorable_text(v) for k, v in value.items())
-    if type(value) is list:
-        return any(has_unstorable_text(v) for v in value)
-    return False
+        items: Any = (x for kv in value.items() for x in kv)
+    elif type(value) is list:
+        items = value
+    else:
+        return None
+    for v in items:
+        kind = unstorable_text(v)
+        if kind == SURROGATE:
+            return kind
+        found = found or kind
+    return found

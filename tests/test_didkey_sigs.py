@@ -24,6 +24,7 @@ from plc.core.didkey import (
 )
 from plc.core.errors import Reason
 from plc.core.signatures import (
+    UnsupportedKeyError,
     HALF_N,
     ORDER,
     SigDecodeError,
@@ -129,7 +130,24 @@ def test_off_curve_compressed_point_is_not_a_rotation_key():
     digest = hashlib.sha256(b"x").digest()
     good = SigningKey.from_seed(K256, b"g")
     sig = good.sign_raw(b"x")
-    assert first_verifying_key([bad, good.did_key], digest, sig) == 1  # skipped, not fatal
+    # The reference's in-order scan throws when it reaches a key it cannot parse (a 500),
+    # even if a later key would verify; a bad key after the signer is never reached.
+    with pytest.raises(UnsupportedKeyError):
+        first_verifying_key([bad, good.did_key], digest, sig)
+    assert first_verifying_key([good.did_key, bad], digest, sig) == 0
+    with pytest.raises(UnsupportedKeyError):
+        first_verifying_key([good.did_key, bad], digest, SigningKey.from_seed(K256, b"other").sign_raw(b"x"))
+
+
+def test_signer_index_is_the_first_listed_position_whatever_the_try_order():
+    digest = hashlib.sha256(b"y").digest()
+    a, b = SigningKey.from_seed(K256, b"a"), SigningKey.from_seed(P256, b"b")
+    sig = b.sign_raw(b"y")
+    for _ in range(3):  # make b the most frequent signer, so it is tried first
+        assert first_verifying_key([a.did_key, b.did_key], digest, sig) == 1
+    assert first_verifying_key([a.did_key, b.did_key, b.did_key], digest, sig) == 1
+    assert first_verifying_key([b.did_key, a.did_key, b.did_key], digest, sig) == 0
+    assert first_verifying_key([a.did_key], digest, sig) == -1
 
 
 # ----------------------------------------------------------------------------- strict sig decoding

@@ -186,6 +186,8 @@ def _expected(kind: str, path: tuple, new: str, mode: str, with_cid: bool) -> se
     if kind == "value" and path == ("prev",):
         return out | {Reason.PREV_MALFORMED, Reason.MISORDERED}
     out.add(Reason.SIG_INVALID)
+    if kind == "value" and path[0] == "rotationKeys":
+        out.add(Reason.UNSUPPORTED_KEY)  # a genesis key that no longer parses, reached by the scan
     if mode == SUBMIT:
         out.add(Reason.CONSTRAINT)  # e.g. a rotation key that no longer parses, a duplicate aka
     return out

@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .encoding import authority_keys, canonical_cid, cid_for_cbor, dag_cbor, did_for_cbor, unsigned_cbor
-from .errors import MISORDERED_TEXT, OpError, Reason
+from .errors import INTERNAL_ERROR_TEXT, MISORDERED_TEXT, OpError, Reason
 from .jsonfmt import dumps_str, op_order, v8_order
 from .limits import check_fields, check_rate, check_size
 from .shape import CREATE, OPERATION, SURROGATE, TOMBSTONE, require_shape, schema_ordered, unstorable_text
 from .didkey import parse_rotation_key
-from .signatures import SigDecodeError, decode_sig, first_verifying_key, is_low_s, sig_error
+from .signatures import SigDecodeError, UnsupportedKeyError, decode_sig, first_verifying_key, is_low_s, sig_error
 
 REPLAY = "replay"
 SUBMIT = "submit"
@@ -105,6 +105,17 @@ def _misordered() -> OpError:
     return OpError(Reason.MISORDERED, MISORDERED_TEXT)
 
 
+def _signer(keys: tuple[str, ...], digest: bytes, sig: bytes, op: dict[str, Any]) -> int:
+    """Index of the key that signed ``op`` (first in list order), else OpError."""
+    try:
+        i = first_verifying_key(keys, digest, sig)
+    except UnsupportedKeyError:
+        raise OpError(Reason.UNSUPPORTED_KEY, INTERNAL_ERROR_TEXT, 500) from None
+    if i < 0:
+        raise _bad_sig(op, keys, sig)
+    return i
+
+
 def _decode_sig(op: dict[str, Any]) -> bytes:
     try:
         return decode_sig(op["sig"])
@@ -157,8 +168,7 @@ def check_op(
             raise _misordered()
         keys = authority_keys(op)
         sig = _decode_sig(op)
-        if first_verifying_key(keys, digest, sig) < 0:
-            raise _bad_sig(op, keys, sig)
+        _signer(keys, digest, sig, op)
         computed_did = did_for_cbor(signed)
         if computed_did != did:
             raise OpError(Reason.GENESIS_HASH, f"Hash of genesis operation does not match DID identifier: {computed_did}")
@@ -187,9 +197,7 @@ def check_op(
         nullified = live[idx + 1 :]
         sig = _decode_sig(op)
         if not nullified:
-            signer = first_verifying_key(parent.keys, digest, sig)
-            if signer < 0:
-                raise _bad_sig(op, parent.keys, sig)
+            signer = _signer(parent.keys, digest, sig, op)
             if not submit and created_at <= parent.created_at:
                 raise OpError(
                     Reason.TIMESTAMP_ORDER,
@@ -197,10 +205,7 @@ def check_op(
                 )
         else:
             disputed = nullified[0]
-            allowed = parent.keys[: disputed.signer]
-            signer = first_verifying_key(allowed, digest, sig)
-            if signer < 0:
-                raise _bad_sig(op, allowed, sig)
+            signer = _signer(parent.keys[: disputed.signer], digest, sig, op)
             if created_at <= live[-1].created_at:
                 raise _misordered()
             lapsed = created_at - disputed.created_at

@@ -39,6 +39,7 @@ class Reason:
     SIG_LENGTH = "sig_length"  # does not decode to exactly 64 bytes (DER, truncated, empty)
     SIG_HIGH_S = "sig_high_s"  # s > n/2
     SIG_INVALID = "sig_invalid"  # no allowed key verifies it
+    UNSUPPORTED_KEY = "unsupported_key"  # the scan for the signer reached an unparseable key (500)
     # chain
     GENESIS_HASH = "genesis_hash"  # genesis does not hash to the DID
     GENESIS_PREV = "genesis_prev"  # genesis with a non-null prev

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+from typing import Any
 
 import coincurve
 import libipld
@@ -101,16 +102,50 @@ def verify_digest(key: PublicKey, digest: bytes, sig64: bytes) -> bool:
     return True
 
 
-def first_verifying_key(keys: list[str] | tuple[str, ...], digest: bytes, sig64: bytes) -> int:
-    """Index of the first key (in list order) whose signature check passes, or -1.
+class UnsupportedKeyError(ValueError):
+    """A listed key that is not a usable k256/p256 did:key was reached while scanning for the
+    signer. The reference's key parser throws there (a 500), even if a later key would verify."""
 
-    Keys that do not parse as k256/p256 did:keys can never verify and are skipped.
+
+# How often each key has signed (process-wide). Only decides the order in which keys are
+# tried, never the outcome: see first_verifying_key.
+_signed_by: dict[str, int] = {}
+_SIGNED_BY_MAX = 100_000
+
+
+def first_verifying_key(keys: list[str] | tuple[str, ...], digest: bytes, sig64: bytes) -> int:
+    """The reference's signer: the index of the first key, in list order, that verifies; -1
+    if none does. Raises UnsupportedKeyError where the reference's in-order scan would reach a
+    key it cannot parse.
+
+    Keys are *tried* most-frequent-signer first (a few PDS keys sign most of the directory,
+    often from index 1), then mapped back to the first index holding the same key. This gives
+    the same answer as an in-order scan: at most two public keys verify a given (r, s, digest)
+    (the two points with x = r), and two *listed* keys cannot both be among them, because the
+    signed bytes include the key list itself (genesis) or the CID of the op holding it
+    (updates) — arranging it would need a hash preimage. A key string is canonical for its
+    point (compressed SEC1 in base58btc), so equal points are equal strings.
     """
-    for i, k in enumerate(keys):
-        pk = parse_rotation_key(k)
+    n = len(keys)
+    if n == 1 or not _signed_by:
+        order: Any = range(n)
+    else:
+        order = sorted(range(n), key=lambda i: -_signed_by.get(keys[i], 0))
+    found = -1
+    for i in order:
+        pk = parse_rotation_key(keys[i])
         if pk is not None and verify_digest(pk, digest, sig64):
-            return i
-    return -1
+            found = keys.index(keys[i])
+            break
+    limit = n if found < 0 else found
+    for i in range(limit):
+        if parse_rotation_key(keys[i]) is None:
+            raise UnsupportedKeyError(keys[i])
+    if found >= 0:
+        k = keys[found]
+        if k in _signed_by or len(_signed_by) < _SIGNED_BY_MAX:
+            _signed_by[k] = _signed_by.get(k, 0) + 1
+    return found
 
 
 def sig_error(exc: SigDecodeError, op_json: str) -> OpError:

@@ -31,12 +31,21 @@ _SCHEMA_ORDER = {
 }
 
 
+def _all_str(values: Any) -> bool:
+    """Every item is a string (str.join checks the items' types in C)."""
+    try:
+        "".join(values)
+    except TypeError:
+        return False
+    return True
+
+
 def _str_list(v: Any) -> bool:
-    return type(v) is list and all(type(x) is str for x in v)
+    return type(v) is list and _all_str(v)
 
 
 def _str_map(v: Any) -> bool:
-    return type(v) is dict and all(type(x) is str for x in v.values())
+    return type(v) is dict and _all_str(v.values())
 
 
 def _services(v: Any) -> bool:

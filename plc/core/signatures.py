@@ -107,44 +107,42 @@ class UnsupportedKeyError(ValueError):
     signer. The reference's key parser throws there (a 500), even if a later key would verify."""
 
 
-# How often each key has signed (process-wide). Only decides the order in which keys are
-# tried, never the outcome: see first_verifying_key.
-_signed_by: dict[str, int] = {}
-_SIGNED_BY_MAX = 100_000
+# The index that last signed, per key list (process-wide; bounded). Only decides which key is
+# tried first, never the outcome: see first_verifying_key.
+_last_signer: dict[tuple[str, ...], int] = {}
+_LAST_SIGNER_MAX = 100_000
 
 
-def first_verifying_key(keys: list[str] | tuple[str, ...], digest: bytes, sig64: bytes) -> int:
+def first_verifying_key(keys: tuple[str, ...] | list[str], digest: bytes, sig64: bytes) -> int:
     """The reference's signer: the index of the first key, in list order, that verifies; -1
     if none does. Raises UnsupportedKeyError where the reference's in-order scan would reach a
     key it cannot parse.
 
-    Keys are *tried* most-frequent-signer first (a few PDS keys sign most of the directory,
-    often from index 1), then mapped back to the first index holding the same key. This gives
-    the same answer as an in-order scan: at most two public keys verify a given (r, s, digest)
-    (the two points with x = r), and two *listed* keys cannot both be among them, because the
-    signed bytes include the key list itself (genesis) or the CID of the op holding it
-    (updates) — arranging it would need a hash preimage. A key string is canonical for its
-    point (compressed SEC1 in base58btc), so equal points are equal strings.
+    The key that last signed for the same key list is *tried* first (DIDs on one PDS share a
+    key list, and bsky.social's PDS signs with index 1), then the rest in order, and a hit is
+    mapped back to the first index holding the same key. This gives the same answer as an
+    in-order scan: at most two public keys verify a given (r, s, digest) (the two points with
+    x = r), and two *listed* keys cannot both be among them, because the signed bytes include
+    the key list itself (genesis) or the CID of the op holding it (updates) — arranging it
+    would need a hash preimage. A key string is canonical for its point (compressed SEC1 in
+    base58btc), so equal points are equal strings.
     """
+    if type(keys) is not tuple:
+        keys = tuple(keys)
     n = len(keys)
-    if n == 1 or not _signed_by:
-        order: Any = range(n)
-    else:
-        order = sorted(range(n), key=lambda i: -_signed_by.get(keys[i], 0))
+    hint = _last_signer.get(keys, 0) if n > 1 else 0
+    order: Any = range(n) if hint == 0 else (hint, *range(hint), *range(hint + 1, n))
     found = -1
     for i in order:
         pk = parse_rotation_key(keys[i])
         if pk is not None and verify_digest(pk, digest, sig64):
-            found = keys.index(keys[i])
+            found = keys.index(keys[i]) if i else 0
             break
-    limit = n if found < 0 else found
-    for i in range(limit):
+    for i in range(n if found < 0 else found):
         if parse_rotation_key(keys[i]) is None:
             raise UnsupportedKeyError(keys[i])
-    if found >= 0:
-        k = keys[found]
-        if k in _signed_by or len(_signed_by) < _SIGNED_BY_MAX:
-            _signed_by[k] = _signed_by.get(k, 0) + 1
+    if n > 1 and found >= 0 and hint != found and (keys in _last_signer or len(_last_signer) < _LAST_SIGNER_MAX):
+        _last_signer[keys] = found
     return found
 
 

@@ -19,7 +19,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from .encoding import authority_keys, canonical_cid, cid_for_cbor, dag_cbor, did_for_cbor, unsigned_cbor
+from .encoding import authority_keys, canonical_cid, cid_for_cbor, dag_cbor, did_for_cbor, unsigned_from_signed
 from .errors import INTERNAL_ERROR_TEXT, MISORDERED_TEXT, OpError, Reason
 from .jsonfmt import dumps_str, op_order, v8_order
 from .limits import check_fields, check_rate, check_size
@@ -158,7 +158,7 @@ def check_op(
         raise OpError(Reason.CID_MISMATCH, f"CID mismatch: upstream says {cid}, op hashes to {computed_cid}")
     if not submit and log is not None and computed_cid in log.cids:
         raise OpError(Reason.DUPLICATE, f"Duplicate operation: {computed_cid}")
-    digest = hashlib.sha256(unsigned_cbor(op)).digest()
+    digest = hashlib.sha256(unsigned_from_signed(signed, op)).digest()
     tombstone = kind == TOMBSTONE
     live = log.live if log is not None else []
 
@@ -182,11 +182,14 @@ def check_op(
         prev_text = op["prev"]
         if not prev_text:
             raise _misordered()
-        try:
-            prev = canonical_cid(prev_text)
-        except ValueError:
-            raise OpError(Reason.PREV_MALFORMED, "Internal Server Error", 500) from None
         idx = len(live) - 1
+        if prev_text == live[idx].cid:  # the common case: a canonical prev naming the head
+            prev = prev_text
+        else:
+            try:
+                prev = canonical_cid(prev_text)
+            except ValueError:
+                raise OpError(Reason.PREV_MALFORMED, "Internal Server Error", 500) from None
         while idx >= 0 and live[idx].cid != prev:
             idx -= 1
         if idx < 0:
@@ -218,7 +221,7 @@ def check_op(
         if submit and not nullified:
             check_rate([e.created_at for e in live], created_at)
         acc = Accepted(
-            did, computed_cid, created_at, op, authority_keys(op), signer, tombstone, prev, list(nullified)
+            did, computed_cid, created_at, op, authority_keys(op), signer, tombstone, prev, nullified
         )
     if unstorable:
         raise OpError(Reason.NUL_CHARACTER, "Internal Server Error", 500)

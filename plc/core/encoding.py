@@ -23,6 +23,29 @@ def unsigned_cbor(op: dict[str, Any]) -> bytes:
     return libipld.encode_dag_cbor({k: v for k, v in op.items() if k != "sig"})
 
 
+def unsigned_from_signed(signed: bytes, op: dict[str, Any]) -> bytes:
+    """The unsigned bytes cut out of the signed encoding, without re-encoding.
+
+    In canonical DAG-CBOR map keys sort by encoded length first, so the 3-letter `sig` is the
+    first entry of every op (all other keys are longer); dropping it and decrementing the map
+    header gives exactly the encoding of the op without `sig`. Falls back to re-encoding when
+    the bytes do not have that form.
+    """
+    head = signed[0]
+    if 0xA1 <= head <= 0xB7 and signed[1:5] == b"\x63sig":
+        b = signed[5]
+        if 0x60 <= b <= 0x77:
+            end = 6 + (b - 0x60)
+        elif b == 0x78:
+            end = 7 + signed[6]
+        elif b == 0x79:
+            end = 8 + int.from_bytes(signed[6:8], "big")
+        else:
+            return unsigned_cbor(op)
+        return bytes((head - 1,)) + signed[end:]
+    return unsigned_cbor(op)
+
+
 def cid_for_cbor(data: bytes) -> str:
     return libipld.encode_cid(CID_PREFIX + hashlib.sha256(data).digest())
 

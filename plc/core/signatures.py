@@ -10,12 +10,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import threading
 from typing import Any
 
 import coincurve
 import libipld
 from coincurve.context import GLOBAL_CONTEXT
-from coincurve.ecdsa import der_to_cdata, deserialize_compact, lib, serialize_compact
+from coincurve.ecdsa import der_to_cdata, ffi, lib, serialize_compact
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, utils
@@ -81,19 +82,29 @@ def is_low_s(curve: str, sig64: bytes) -> bool:
     return 0 < s <= HALF_N[curve]
 
 
+_tls = threading.local()
+
+
+def _sig_buffer() -> Any:
+    """A per-thread libsecp256k1 signature struct (cffi releases the GIL during C calls)."""
+    try:
+        return _tls.sig
+    except AttributeError:
+        _tls.sig = ffi.new("secp256k1_ecdsa_signature *")
+        return _tls.sig
+
+
 def verify_digest(key: PublicKey, digest: bytes, sig64: bytes) -> bool:
     """Verify a compact low-S signature over a SHA-256 digest. High S never verifies."""
-    if not is_low_s(key.curve, sig64):
-        return False
     if key.curve == K256:
-        try:
-            sig_c = deserialize_compact(sig64)
-        except ValueError:
+        # libsecp256k1 accepts only lower-S signatures (s <= n/2) and refuses r, s >= n or 0
+        buf = _sig_buffer()
+        if not lib.secp256k1_ecdsa_signature_parse_compact(_CTX, buf, sig64):
             return False
-        return bool(lib.secp256k1_ecdsa_verify(_CTX, sig_c, digest, key.handle.public_key))  # type: ignore[attr-defined]
+        return bool(lib.secp256k1_ecdsa_verify(_CTX, buf, digest, key.handle.public_key))  # type: ignore[attr-defined]
     r = int.from_bytes(sig64[:32], "big")
     s = int.from_bytes(sig64[32:], "big")
-    if not 0 < r < N_P256:
+    if not (0 < r < N_P256 and 0 < s <= HALF_N[P256]):
         return False
     try:
         key.handle.verify(utils.encode_dss_signature(r, s), digest, _P256_ALG)  # type: ignore[attr-defined]
@@ -107,10 +118,20 @@ class UnsupportedKeyError(ValueError):
     signer. The reference's key parser throws there (a 500), even if a later key would verify."""
 
 
-# The index that last signed, per key list (process-wide; bounded). Only decides which key is
-# tried first, never the outcome: see first_verifying_key.
-_last_signer: dict[tuple[str, ...], int] = {}
-_LAST_SIGNER_MAX = 100_000
+# Per key list (process-wide, bounded): the parsed keys and the index that signed last. The
+# hint only decides which key is tried first, never the outcome: see first_verifying_key.
+_key_lists: dict[tuple[str, ...], list[Any]] = {}
+_KEY_LISTS_MAX = 100_000
+
+
+def _key_list(keys: tuple[str, ...]) -> list[Any]:
+    entry = _key_lists.get(keys)
+    if entry is None:
+        entry = [tuple(parse_rotation_key(k) for k in keys), 0]
+        if len(_key_lists) >= _KEY_LISTS_MAX:
+            _key_lists.clear()
+        _key_lists[keys] = entry
+    return entry
 
 
 def first_verifying_key(keys: tuple[str, ...] | list[str], digest: bytes, sig64: bytes) -> int:
@@ -130,19 +151,28 @@ def first_verifying_key(keys: tuple[str, ...] | list[str], digest: bytes, sig64:
     if type(keys) is not tuple:
         keys = tuple(keys)
     n = len(keys)
-    hint = _last_signer.get(keys, 0) if n > 1 else 0
-    order: Any = range(n) if hint == 0 else (hint, *range(hint), *range(hint + 1, n))
+    if n == 0:
+        return -1
+    entry = _key_list(keys)
+    parsed, hint = entry
     found = -1
-    for i in order:
-        pk = parse_rotation_key(keys[i])
+    if hint < n:
+        pk = parsed[hint]
         if pk is not None and verify_digest(pk, digest, sig64):
-            found = keys.index(keys[i]) if i else 0
-            break
+            found = hint
+    if found < 0:
+        for i in range(n):
+            pk = parsed[i]
+            if i != hint and pk is not None and verify_digest(pk, digest, sig64):
+                found = i
+                break
+    if found > 0:
+        found = keys.index(keys[found])
     for i in range(n if found < 0 else found):
-        if parse_rotation_key(keys[i]) is None:
+        if parsed[i] is None:
             raise UnsupportedKeyError(keys[i])
-    if n > 1 and found >= 0 and hint != found and (keys in _last_signer or len(_last_signer) < _LAST_SIGNER_MAX):
-        _last_signer[keys] = found
+    if found >= 0 and found != hint:
+        entry[1] = found
     return found
 
 

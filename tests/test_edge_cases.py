@@ -22,7 +22,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from plc.core import chain, encoding
 from plc.core.chain import REPLAY, SUBMIT, DidLog
 from plc.core.errors import MISORDERED_TEXT, OpError, Reason
-from plc.core.signatures import der_encode, encode_sig
+from plc.core.didkey import K256
+from plc.core.encoding import did_for_genesis, unsigned_cbor
+from plc.core.signatures import SigningKey, der_encode, encode_sig
 
 from conftest import VECTORS
 from plcdata import (
@@ -836,3 +838,21 @@ def test_item_30_nul_in_update():
     op = c.next_op(A, aka=["at://nul\x00.test"])
     e = err(c.log, c.did, op, NOW + 10)
     assert (e.status, e.message) == (500, INTERNAL)
+
+
+def test_reference_500s_carry_a_human_detail():
+    """The reference answers some defects with a bare 500; the error still says what is wrong."""
+    key = SigningKey.from_seed(K256, b"detail")
+    op = {
+        "type": "plc_operation",
+        "rotationKeys": [key.did_key],
+        "verificationMethods": {},
+        "alsoKnownAs": [],
+        "services": {},
+        "prev": None,
+    }
+    op["sig"] = key.sign(unsigned_cbor(op)) + "\n"
+    with pytest.raises(OpError) as exc:
+        chain.check_op(None, did_for_genesis(op), op, mode=chain.REPLAY, created_at=0)
+    assert exc.value.status == 500 and exc.value.message == "Internal Server Error"
+    assert exc.value.detail.startswith("sig is not strict unpadded base64url")

@@ -23,7 +23,7 @@ from .encoding import authority_keys, canonical_cid, cid_for_cbor, dag_cbor, did
 from .errors import INTERNAL_ERROR_TEXT, MISORDERED_TEXT, OpError, Reason
 from .jsonfmt import dumps_str, op_order, v8_order
 from .limits import check_fields, check_rate, check_size
-from .shape import CREATE, OPERATION, SURROGATE, TOMBSTONE, require_shape, schema_ordered, unstorable_text
+from .shape import CREATE, NUL, OPERATION, SURROGATE, TOMBSTONE, require_shape, schema_ordered, unstorable_text
 from .didkey import parse_rotation_key
 from .signatures import SigDecodeError, UnsupportedKeyError, decode_sig, first_verifying_key, is_low_s, sig_error
 
@@ -109,11 +109,18 @@ def _signer(keys: tuple[str, ...], digest: bytes, sig: bytes, op: dict[str, Any]
     """Index of the key that signed ``op`` (first in list order), else OpError."""
     try:
         i = first_verifying_key(keys, digest, sig)
-    except UnsupportedKeyError:
-        raise OpError(Reason.UNSUPPORTED_KEY, INTERNAL_ERROR_TEXT, 500) from None
+    except UnsupportedKeyError as exc:
+        raise OpError(
+            Reason.UNSUPPORTED_KEY, INTERNAL_ERROR_TEXT, 500, f"rotation key is not a usable k256/p256 did:key: {exc}"
+        ) from None
     if i < 0:
         raise _bad_sig(op, keys, sig)
     return i
+
+
+def _unstorable(kind: str) -> OpError:
+    what = "U+0000" if kind == NUL else "a lone surrogate"
+    return OpError(Reason.NUL_CHARACTER, INTERNAL_ERROR_TEXT, 500, f"a string holds {what} (jsonb cannot store it)")
 
 
 def _decode_sig(op: dict[str, Any]) -> bytes:
@@ -145,7 +152,7 @@ def check_op(
     # A lone surrogate cannot even be encoded; a NUL is found by the reference only in its
     # database, after every other check (submit), and is refused at once in replay.
     if unstorable == SURROGATE or (unstorable and not submit):
-        raise OpError(Reason.NUL_CHARACTER, "Internal Server Error", 500)
+        raise _unstorable(unstorable)
     if submit:
         check_size(op)
     kind = require_shape(op, allow_create=not submit)
@@ -189,7 +196,9 @@ def check_op(
             try:
                 prev = canonical_cid(prev_text)
             except ValueError:
-                raise OpError(Reason.PREV_MALFORMED, "Internal Server Error", 500) from None
+                raise OpError(
+                    Reason.PREV_MALFORMED, INTERNAL_ERROR_TEXT, 500, f"prev is not a parseable CID: {prev_text!r}"
+                ) from None
         while idx >= 0 and live[idx].cid != prev:
             idx -= 1
         if idx < 0:
@@ -224,7 +233,7 @@ def check_op(
             did, computed_cid, created_at, op, authority_keys(op), signer, tombstone, prev, nullified
         )
     if unstorable:
-        raise OpError(Reason.NUL_CHARACTER, "Internal Server Error", 500)
+        raise _unstorable(unstorable)
     return acc
 
 

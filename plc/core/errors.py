@@ -8,16 +8,18 @@ class OpError(Exception):
     """An operation that the chain engine refuses.
 
     ``reason`` is one of the ``Reason`` constants (stable, for metrics and reports);
-    ``message`` is the reference server's exact text; ``status`` its HTTP status.
+    ``message`` is the reference server's exact text; ``status`` its HTTP status; ``detail``
+    says what is wrong for a human where the reference's text does not (its 500s).
     """
 
-    __slots__ = ("reason", "message", "status")
+    __slots__ = ("reason", "message", "status", "detail")
 
-    def __init__(self, reason: str, message: str, status: int = 400) -> None:
+    def __init__(self, reason: str, message: str, status: int = 400, detail: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
         self.status = status
+        self.detail = detail or message
 
     def __repr__(self) -> str:
         return f"OpError({self.reason!r}, {self.message!r}, {self.status})"

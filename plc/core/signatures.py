@@ -178,7 +178,7 @@ def first_verifying_key(keys: tuple[str, ...] | list[str], digest: bytes, sig64:
 
 def sig_error(exc: SigDecodeError, op_json: str) -> OpError:
     if exc.status == 500:
-        return OpError(exc.reason, "Internal Server Error", 500)
+        return OpError(exc.reason, "Internal Server Error", 500, f"sig is not strict unpadded base64url: {exc}")
     return OpError(exc.reason, f"Invalid signature on op: {op_json}", 400)
 
 

@@ -165,7 +165,7 @@ class ShardVerifier:
                         "did": did,
                         "cid": cid,
                         "status": err.status,
-                        "message": err.message,
+                        "message": err.detail,
                     },
                 )
             )

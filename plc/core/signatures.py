@@ -118,17 +118,23 @@ class UnsupportedKeyError(ValueError):
     signer. The reference's key parser throws there (a 500), even if a later key would verify."""
 
 
-# Per key list (process-wide, bounded): the parsed keys and the index that signed last. The
-# hint only decides which key is tried first, never the outcome: see first_verifying_key.
+# Per key list (process-wide, bounded): the parsed keys and the index to try first: the one
+# that signed last, or for a new list the key that has signed most often anywhere (a few PDS
+# keys sign most of the directory). The hint decides only which key is tried first, never the
+# outcome: see first_verifying_key.
 _key_lists: dict[tuple[str, ...], list[Any]] = {}
-_KEY_LISTS_MAX = 100_000
+_signatures_by_key: dict[str, int] = {}
+_CACHE_MAX = 100_000
 
 
 def _key_list(keys: tuple[str, ...]) -> list[Any]:
     entry = _key_lists.get(keys)
     if entry is None:
-        entry = [tuple(parse_rotation_key(k) for k in keys), 0]
-        if len(_key_lists) >= _KEY_LISTS_MAX:
+        hint = 0
+        if len(keys) > 1 and _signatures_by_key:
+            hint = max(range(len(keys)), key=lambda i: _signatures_by_key.get(keys[i], 0))
+        entry = [tuple(parse_rotation_key(k) for k in keys), hint]
+        if len(_key_lists) >= _CACHE_MAX:
             _key_lists.clear()
         _key_lists[keys] = entry
     return entry
@@ -139,9 +145,10 @@ def first_verifying_key(keys: tuple[str, ...] | list[str], digest: bytes, sig64:
     if none does. Raises UnsupportedKeyError where the reference's in-order scan would reach a
     key it cannot parse.
 
-    The key that last signed for the same key list is *tried* first (DIDs on one PDS share a
-    key list, and bsky.social's PDS signs with index 1), then the rest in order, and a hit is
-    mapped back to the first index holding the same key. This gives the same answer as an
+    The key that last signed for the same key list (or, for a new list, the most frequent
+    signer) is *tried* first — DIDs on one PDS share a key list, and bsky.social's PDS signs
+    with index 1 — then the rest in order, and a hit is mapped back to the first index holding
+    the same key. This gives the same answer as an
     in-order scan: at most two public keys verify a given (r, s, digest) (the two points with
     x = r), and two *listed* keys cannot both be among them, because the signed bytes include
     the key list itself (genesis) or the CID of the op holding it (updates) — arranging it
@@ -171,8 +178,15 @@ def first_verifying_key(keys: tuple[str, ...] | list[str], digest: bytes, sig64:
     for i in range(n if found < 0 else found):
         if parsed[i] is None:
             raise UnsupportedKeyError(keys[i])
-    if found >= 0 and found != hint:
-        entry[1] = found
+    if found >= 0:
+        if found != hint:
+            entry[1] = found
+        k = keys[found]
+        count = _signatures_by_key.get(k)
+        if count is not None:
+            _signatures_by_key[k] = count + 1
+        elif len(_signatures_by_key) < _CACHE_MAX:
+            _signatures_by_key[k] = 1
     return found
 
 

@@ -27,7 +27,7 @@ import sys
 import time
 import traceback
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -235,18 +235,31 @@ class _Progress:
 
 
 # ----------------------------------------------------------------------------- runners
-def _run_inline(paths: list[str], keep: bool, prog: _Progress) -> Partial:
-    sv = ShardVerifier(paths, keep_outcomes=keep)
+def _replay_files(
+    sv: ShardVerifier,
+    paths: list[str],
+    select: Callable[[InputStream], Iterable[Any]],
+    report: Callable[[int, int], None] | None,
+) -> int:
+    """Feed every input file, in order, through one shard verifier; `select` picks the
+    records this process owns; `report(bytes consumed so far, ops checked)` shows progress.
+    Returns the bytes consumed."""
     done = 0
     for fidx, path in enumerate(paths):
         stream = InputStream(path)
         base = done
 
         def tick(ops: int, stream: InputStream = stream, base: int = base) -> None:
-            prog.show(base + stream.consumed, ops)
+            report(base + stream.consumed, ops)  # type: ignore[misc]
 
-        sv.run(fidx, records(stream), tick if prog.enabled else None)
+        sv.run(fidx, select(stream), tick if report is not None else None)
         done += stream.consumed
+    return done
+
+
+def _run_inline(paths: list[str], keep: bool, prog: _Progress) -> Partial:
+    sv = ShardVerifier(paths, keep_outcomes=keep)
+    _replay_files(sv, paths, records, prog.show if prog.enabled else None)
     return sv.finish()
 
 
@@ -254,17 +267,12 @@ def _worker_files(paths: list[str], shard: int, n: int, keep: bool, counters: An
     """Worker: read every input, keep the records of this shard's DIDs."""
     try:
         sv = ShardVerifier(paths, keep_outcomes=keep)
-        done = 0
-        for fidx, path in enumerate(paths):
-            stream = InputStream(path)
-            base = done
 
-            def tick(ops: int, stream: InputStream = stream, base: int = base) -> None:
-                counters[2 * shard] = base + stream.consumed
-                counters[2 * shard + 1] = ops
+        def report(consumed: int, ops: int) -> None:
+            counters[2 * shard] = consumed
+            counters[2 * shard + 1] = ops
 
-            sv.run(fidx, _shard_records(stream, shard, n), tick)
-            done += stream.consumed
+        done = _replay_files(sv, paths, lambda stream: _shard_records(stream, shard, n), report)
         counters[2 * shard] = done
         results.put((shard, sv.finish(), None))
     except KeyboardInterrupt:

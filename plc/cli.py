@@ -13,6 +13,7 @@ from . import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .store import migrate_cmd
     from .tools import generate, verify
 
     parser = argparse.ArgumentParser(prog="plc", description="A validating mirror of the did:plc directory.")
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     generate.register(sub)
     verify.register(sub)
+    migrate_cmd.register(sub)
     return parser
 
 

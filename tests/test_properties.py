@@ -174,9 +174,11 @@ def _set(op: dict, kind: str, path: tuple, new: str) -> dict:
 
 def _expected(kind: str, path: tuple, new: str, mode: str, with_cid: bool) -> set[str]:
     """The reasons an op altered at `path` may be rejected with."""
-    if kind == "key" and len(path) in (1, 3) or (kind == "value" and path == ("type",)):
-        return {Reason.INVALID_SHAPE}  # a top-level / service field name, or the type
     out = set()
+    if "\x00" in new and mode == REPLAY:
+        out.add(Reason.NUL_CHARACTER)  # replay refuses unstorable text before anything else
+    if kind == "key" and len(path) in (1, 3) or (kind == "value" and path == ("type",)):
+        return out | {Reason.INVALID_SHAPE}  # a top-level / service field name, or the type
     if "\x00" in new:
         out.add(Reason.NUL_CHARACTER)
     if with_cid:

@@ -1,27 +1,34 @@
 -- The mirror's store: one row per DID, one row per operation, one cursor per upstream, and
 -- the divergence record. Compactness matters (production holds 80-90 M ops): CIDs are kept
 -- as their 32-byte SHA-256 digest (every op CID is CIDv1 dag-cbor sha2-256), times as integer
--- milliseconds, DIDs by a bigint id, and the op itself as its DAG-CBOR bytes.
+-- milliseconds, DIDs by an integer id, and the op itself as compact DAG-CBOR (plc.store.oplog).
 
+-- DIDs are stored once; ops refer to them by a 4-byte id (2^31 DIDs; production has ~10^8).
+-- A did:plc is "did:plc:" + 24 base32 characters: `did` holds those 120 bits as 15 bytes
+-- (plc.store.oplog.did_bytes / did_text).
 CREATE TABLE plc_did (
-    id  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    did text   NOT NULL UNIQUE
+    id  integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    did bytea   NOT NULL UNIQUE
 );
 
+-- One row per accepted op. Fixed-width columns first (8-byte ones, then 4, 2, 1) so that no
+-- alignment padding is wasted. The primary key (did_id, cid) makes a second copy of an op
+-- impossible and serves the per-DID lookup (a prefix scan, sorted by pos); pos itself needs
+-- no index. `op` is the op in plc.store.oplog's packed DAG-CBOR form (it decodes back to the
+-- exact op; the CID is the SHA-256 of the op's own DAG-CBOR).
 CREATE TABLE plc_op (
-    did_id        bigint   NOT NULL,           -- plc_did.id
-    pos           integer  NOT NULL,           -- 0-based position in the DID's audit log
-    cid           bytea    NOT NULL,           -- SHA-256 digest of the signed DAG-CBOR
     created_at    bigint   NOT NULL,           -- upstream createdAt, ms since the epoch
     seq           bigint,                      -- upstream seq; NULL when upstream gave none
     first_seen_at bigint   NOT NULL,           -- when this node first stored it, ms
-    nullified     boolean  NOT NULL DEFAULT false,  -- computed by us, never copied
+    did_id        integer  NOT NULL,           -- plc_did.id
+    pos           integer  NOT NULL,           -- 0-based position in the DID's audit log
     signer        smallint NOT NULL,           -- index of the signing key in the parent's keys; -1 genesis
-    op            bytea    NOT NULL,           -- DAG-CBOR of the op as received
-    PRIMARY KEY (did_id, pos)
+    nullified     boolean  NOT NULL DEFAULT false,  -- computed by us, never copied
+    cid           bytea    NOT NULL,           -- SHA-256 digest of the signed DAG-CBOR (32 bytes)
+    op            bytea    NOT NULL,           -- packed DAG-CBOR of the op (plc.store.oplog.pack_op)
+    PRIMARY KEY (did_id, cid)
 );
 CREATE UNIQUE INDEX plc_op_seq ON plc_op (seq) WHERE seq IS NOT NULL;
-CREATE INDEX plc_op_created_at ON plc_op (created_at);
 
 -- One cursor per upstream (its base URL).
 CREATE TABLE plc_cursor (

@@ -14,6 +14,7 @@ from . import __version__
 
 def build_parser() -> argparse.ArgumentParser:
     from .store import migrate_cmd
+    from .sync import sync_cmd
     from .tools import generate, verify
 
     parser = argparse.ArgumentParser(prog="plc", description="A validating mirror of the did:plc directory.")
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.register(sub)
     verify.register(sub)
     migrate_cmd.register(sub)
+    sync_cmd.register(sub)
     return parser
 
 

@@ -36,7 +36,15 @@ DATA_DIR = Setting(
     "Directory for the program's own files (the embedded PostgreSQL lives in <data-dir>/postgres).",
 )
 
-SETTINGS = (DATABASE_URL, DATA_DIR)
+UPSTREAM = Setting(
+    "upstream",
+    "--upstream",
+    "PLC_UPSTREAM",
+    "https://plc.directory",
+    "Base URL of the PLC directory to mirror (its /export and /export/stream are followed).",
+)
+
+SETTINGS = (DATABASE_URL, DATA_DIR, UPSTREAM)
 
 
 def add_argument(parser: argparse.ArgumentParser, setting: Setting) -> None:

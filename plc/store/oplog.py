@@ -8,7 +8,9 @@ API
 - ``commit(conn, upstream, items, cursor, *, now_ms=None) -> int``: store a batch of accepted
   ops and move the upstream's cursor in ONE transaction; returns how many ops were inserted.
   ``items`` is a list of ``(chain.Accepted, seq | None, first_seen_at_ms)`` in the order they
-  were applied; ``cursor`` a ``Cursor(seq, created_at)`` or None (leave the cursor alone).
+  were applied; ``cursor`` a ``Cursor(seq, created_at)`` or None (leave the cursor alone);
+  optional ``divergences=[Divergence(kind, did, cid, seq, reason, detail, raw), …]`` are written
+  to plc_divergence (observed_at = now_ms) in the same transaction.
 - ``get_cursor(conn, upstream) -> Cursor | None``.
 - ``did_bytes(did)`` / ``did_text(data)``: a did:plc as stored in plc_did.did (15 bytes).
 - ``cid_digest(text)`` / ``cid_text(digest)``: a CID as stored in plc_op.cid (32-byte digest).
@@ -332,6 +334,21 @@ ON CONFLICT (upstream) DO UPDATE SET
     created_at = COALESCE(EXCLUDED.created_at, c.created_at),
     updated_at = EXCLUDED.updated_at
 """
+DIVERGENCE_COLUMNS = ("kind", "upstream", "did", "cid", "seq", "reason", "detail", "raw", "observed_at")
+
+
+class Divergence(NamedTuple):
+    """One plc_divergence row (its upstream and observed_at are given by ``commit``)."""
+
+    kind: str
+    did: str | None
+    cid: str | None
+    seq: int | None
+    reason: str | None
+    detail: str
+    raw: bytes | None
+
+
 OP_COLUMNS = ("created_at", "seq", "first_seen_at", "did_id", "pos", "signer", "nullified", "cid", "op")
 
 
@@ -342,16 +359,26 @@ async def commit(
     cursor: Cursor | None,
     *,
     now_ms: int | None = None,
+    divergences: Sequence[Divergence] = (),
 ) -> int:
-    """Store ``items`` (accepted ops, in the order they were applied) and the upstream's cursor
-    in one transaction: all or nothing. Ops already stored are skipped (see the module doc).
-    Returns the number of ops inserted."""
+    """Store ``items`` (accepted ops, in the order they were applied), ``divergences`` and the
+    upstream's cursor in one transaction: all or nothing. Ops already stored are skipped (see
+    the module doc). Returns the number of ops inserted."""
     if now_ms is None:
         now_ms = int(time.time() * 1000)
     async with conn.transaction():
         inserted = 0
         if items:
             inserted = await _store(conn, items)
+        if divergences:
+            await conn.copy_records_to_table(
+                "plc_divergence",
+                records=[
+                    (d.kind, upstream, d.did, d.cid, d.seq, d.reason, d.detail, d.raw, now_ms)
+                    for d in divergences
+                ],
+                columns=DIVERGENCE_COLUMNS,
+            )
         if cursor is not None:
             await conn.execute(_CURSOR_SQL, upstream, cursor.seq, cursor.created_at, now_ms)
     return inserted
@@ -447,6 +474,7 @@ async def export_rows(conn: Any, after: int, count: int) -> list[OpRow]:
 __all__ = [
     "AFFIXES",
     "Cursor",
+    "Divergence",
     "WORDS",
     "cid_digest",
     "cid_text",

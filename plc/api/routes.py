@@ -290,28 +290,30 @@ def _latest(rows: list[render.OpRow]) -> render.OpRow | None:
     return None
 
 
-async def did_document(scope: dict[str, Any], did: str | None) -> Reply:
-    """``/:did``: the DID document of the latest non-nullified op."""
-    assert did is not None
+async def _latest_rendered(
+    scope: dict[str, Any], did: str, render_fn: Callable[[str, Any], bytes | None], content_type: str
+) -> Reply:
+    """Render the latest non-nullified op with ``render_fn``; 404 if the DID is unknown, or
+    if ``render_fn`` gives nothing (a tombstone: `DID not available`)."""
     latest = _latest(await _rows(scope, did))
     if latest is None:
         return error_reply(404, render.not_registered(did))
-    body = render.did_document_json(did, latest.op)
+    body = render_fn(did, latest.op)
     if body is None:
         return error_reply(404, render.not_available(did))
-    return Reply(200, body, DID_DOC_TYPE)
+    return Reply(200, body, content_type)
+
+
+async def did_document(scope: dict[str, Any], did: str | None) -> Reply:
+    """``/:did``: the DID document of the latest non-nullified op."""
+    assert did is not None
+    return await _latest_rendered(scope, did, render.did_document_json, DID_DOC_TYPE)
 
 
 async def did_data(scope: dict[str, Any], did: str | None) -> Reply:
     """``/:did/data``."""
     assert did is not None
-    latest = _latest(await _rows(scope, did))
-    if latest is None:
-        return error_reply(404, render.not_registered(did))
-    body = render.data_json(did, latest.op)
-    if body is None:
-        return error_reply(404, render.not_available(did))
-    return Reply(200, body, JSON_TYPE)
+    return await _latest_rendered(scope, did, render.data_json, JSON_TYPE)
 
 
 async def did_log(scope: dict[str, Any], did: str | None) -> Reply:

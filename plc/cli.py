@@ -13,6 +13,7 @@ from . import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import serve_cmd
     from .store import migrate_cmd
     from .sync import sync_cmd
     from .tools import generate, verify
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.register(sub)
     migrate_cmd.register(sub)
     sync_cmd.register(sub)
+    serve_cmd.register(sub)
     return parser
 
 

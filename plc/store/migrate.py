@@ -1,4 +1,5 @@
-"""Versioned schema migrations, applied by `plc migrate` (serving processes never migrate).
+"""Versioned schema migrations, applied by `plc migrate` (and by `plc serve` on its embedded
+default database only; a configured database is never migrated by a serving process).
 
 Migrations are the files `plc/store/migrations/NNNN_name.sql`, applied in version order, each
 in its own transaction, recorded in `plc_schema_migrations` with the SHA-256 of its text. The

@@ -1,0 +1,222 @@
+"""`plc serve`: the mirror in one process — the read API (uvicorn, one worker) and, unless
+--no-ingest, the validated ingest of the upstream (plc.sync.ingest), in one event loop.
+
+Database: with no --database-url, the embedded PostgreSQL in <data-dir>/postgres is started
+here and stopped on exit. That database is the program's own, so pending schema migrations are
+applied at start. A database given by URL is the operator's: it is migrated only by
+`plc migrate`, and `plc serve` refuses to start while migrations are pending.
+
+The ingestor has its own asyncpg connection (the API has its pool). If ingest fails (upstream
+refusing, unreachable for longer than its retries, database trouble), the error is logged in
+one line, the API keeps serving what is stored, and ingest starts again after
+INGEST_RETRY_S seconds from the stored cursor.
+
+SIGTERM or SIGINT: uvicorn stops accepting connections and finishes the requests in flight,
+the ingestor finishes (commits) the batch in flight, connections are closed, the embedded
+PostgreSQL is stopped, and the program exits 0. A second SIGINT cuts the graceful wait short.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+import uvicorn
+
+from . import __version__, settings
+from .api.app import create_app
+from .store.database import connect, database
+from .store.embedded import EmbeddedPostgresError
+from .store.migrate import MigrationError, migrate, pending
+from .sync.ingest import Ingestor
+from .sync.upstream import Upstream
+
+SERVE_SETTINGS = (
+    settings.DATABASE_URL,
+    settings.DATA_DIR,
+    settings.UPSTREAM,
+    settings.HOST,
+    settings.PORT,
+    settings.NO_INGEST,
+)
+INGEST_RETRY_S = 30.0  # pause before ingest starts again after a failure
+PROGRESS_EVERY_S = 60.0  # how often the ingest progress line is logged
+GRACEFUL_SHUTDOWN_S = 10.0  # how long requests in flight may take after SIGTERM
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the mirror: the HTTP API and the validated ingest of the upstream",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for setting in SERVE_SETTINGS:
+        settings.add_argument(p, setting)
+    p.set_defaults(func=run)
+
+
+def _say(text: str) -> None:
+    print(f"plc serve: {text}", file=sys.stderr, flush=True)
+
+
+class ServeError(Exception):
+    """A condition `plc serve` reports in one line and exits 1 on."""
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server without its own signal handling: `plc serve` owns SIGINT/SIGTERM and
+    passes them on through `handle_exit` (uvicorn would re-raise them after shutdown)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _check_upstream_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ServeError(f"--upstream must be an http(s) URL, not {url!r}")
+    return url.rstrip("/")
+
+
+async def _prepare_schema(connect_kwargs: dict[str, Any], embedded: bool) -> None:
+    """Embedded database: apply pending migrations. Configured database: refuse pending ones."""
+    conn = await connect(connect_kwargs)
+    try:
+        if embedded:
+            await migrate(conn, log=_say)
+            return
+        todo = await pending(conn)
+        if todo:
+            names = ", ".join(f"{m.version:04d}_{m.name}" for m in todo)
+            raise ServeError(f"the database schema is not up to date (pending: {names}); run `plc migrate` first")
+    finally:
+        await conn.close()
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+async def _report(ing: Ingestor) -> None:
+    last, seen = time.monotonic(), ing.accepted
+    while True:
+        await asyncio.sleep(PROGRESS_EVERY_S)
+        now = time.monotonic()
+        rate = (ing.accepted - seen) / (now - last)
+        last, seen = now, ing.accepted
+        _say(
+            f"ingest: cursor {ing.cursor}, {ing.accepted} accepted ({rate:.0f}/s), "
+            f"{sum(ing.rejected.values())} rejected, divergences {dict(ing.divergences)}"
+        )
+
+
+async def _ingest_once(connect_kwargs: dict[str, Any], base: str, stop: asyncio.Event) -> None:
+    conn = await connect(connect_kwargs)
+    try:
+        async with Upstream(base) as up:
+            ing = Ingestor(conn, up, upstream_name=base)
+            reporter = asyncio.create_task(_report(ing))
+            try:
+                await ing.run(stop)
+            finally:
+                reporter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reporter
+            _say(f"ingest stopped at cursor {ing.cursor} ({ing.accepted} ops accepted)")
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(conn.close(), 10)
+
+
+async def _ingest_forever(connect_kwargs: dict[str, Any], base: str, stop: asyncio.Event) -> None:
+    """Run the ingestor until `stop`; a failure is logged and ingest restarts after a pause."""
+    while not stop.is_set():
+        _say(f"ingest: following {base}")
+        try:
+            await _ingest_once(connect_kwargs, base, stop)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 — reads must survive any ingest failure
+            _say(f"ingest failed: {type(exc).__name__}: {exc}; retrying in {INGEST_RETRY_S:.0f}s")
+            await _wait(stop, INGEST_RETRY_S)
+
+
+async def _announce(server: uvicorn.Server, host: str, port: int) -> None:
+    while not server.started:
+        await asyncio.sleep(0.05)
+    _say(f"listening on http://{host}:{port}")
+
+
+async def _run(args: argparse.Namespace) -> int:
+    no_ingest = settings.flag_value(args, settings.NO_INGEST)
+    base = _check_upstream_url(args.upstream)
+    stop = asyncio.Event()
+    server: _Server | None = None
+
+    def on_signal(sig: int) -> None:
+        stop.set()
+        if server is not None:
+            server.handle_exit(sig, None)
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    async with database(args.database_url, args.data_dir, log=_say) as kwargs:
+        await _prepare_schema(kwargs, embedded=not args.database_url)
+        if stop.is_set():
+            return 0
+        app = create_app(connect_kwargs=kwargs, version=__version__)
+        config = uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            workers=1,
+            lifespan="on",
+            access_log=False,
+            log_level="warning",
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        )
+        server = _Server(config)
+        ingest = None if no_ingest else asyncio.create_task(_ingest_forever(kwargs, base, stop))
+        if ingest is None:
+            _say("ingest off (--no-ingest): serving what the database holds")
+        announcer = asyncio.create_task(_announce(server, args.host, args.port))
+        try:
+            try:
+                await server.serve()
+            except SystemExit:  # uvicorn's startup failure (bind error, lifespan failure)
+                raise ServeError(f"the HTTP server could not start on {args.host}:{args.port}") from None
+            if not server.started:
+                raise ServeError(f"the HTTP server could not start on {args.host}:{args.port}")
+        finally:
+            announcer.cancel()
+            stop.set()
+            if ingest is not None:
+                await ingest
+        _say("stopped")
+        return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="plc serve: %(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(_run(args))
+    except (ServeError, settings.SettingError, MigrationError, EmbeddedPostgresError) as exc:
+        print(f"plc serve: error: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        print(f"plc serve: error: database: {exc}", file=sys.stderr)
+        return 1

@@ -11,6 +11,9 @@ refusing, unreachable for longer than its retries, database trouble), the error 
 one line, the API keeps serving what is stored, and ingest starts again after
 INGEST_RETRY_S seconds from the stored cursor.
 
+A `plc.metrics.NodeStatus` links the two: the ingest attaches each Ingestor to it and notes
+every committed batch and every failure; the API's /metrics, /-/status and /-/ready read it.
+
 SIGTERM or SIGINT: uvicorn stops accepting connections and finishes the requests in flight,
 the ingestor finishes (commits) the batch in flight, connections are closed, the embedded
 PostgreSQL is stopped, and the program exits 0. A second SIGINT cuts the graceful wait short.
@@ -34,6 +37,7 @@ import uvicorn
 
 from . import __version__, settings
 from .api.app import create_app
+from .metrics import NodeStatus
 from .store.database import connect, database
 from .store.embedded import EmbeddedPostgresError
 from .store.migrate import MigrationError, migrate, pending
@@ -47,6 +51,7 @@ SERVE_SETTINGS = (
     settings.HOST,
     settings.PORT,
     settings.NO_INGEST,
+    settings.READY_MAX_LAG,
 )
 INGEST_RETRY_S = 30.0  # pause before ingest starts again after a failure
 PROGRESS_EVERY_S = 60.0  # how often the ingest progress line is logged
@@ -122,11 +127,27 @@ async def _report(ing: Ingestor) -> None:
         )
 
 
-async def _ingest_once(connect_kwargs: dict[str, Any], base: str, stop: asyncio.Event) -> None:
+class _ObservedIngestor(Ingestor):
+    """An Ingestor that tells the node status about each committed batch."""
+
+    def __init__(self, *args: Any, status: NodeStatus, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.status = status
+
+    async def ingest(self, batches: list[Any]) -> int:
+        inserted = await super().ingest(batches)
+        self.status.committed()
+        return inserted
+
+
+async def _ingest_once(
+    connect_kwargs: dict[str, Any], base: str, stop: asyncio.Event, status: NodeStatus
+) -> None:
     conn = await connect(connect_kwargs)
     try:
         async with Upstream(base) as up:
-            ing = Ingestor(conn, up, upstream_name=base)
+            ing = _ObservedIngestor(conn, up, upstream_name=base, status=status)
+            status.attach(ing)
             reporter = asyncio.create_task(_report(ing))
             try:
                 await ing.run(stop)
@@ -140,15 +161,18 @@ async def _ingest_once(connect_kwargs: dict[str, Any], base: str, stop: asyncio.
             await asyncio.wait_for(conn.close(), 10)
 
 
-async def _ingest_forever(connect_kwargs: dict[str, Any], base: str, stop: asyncio.Event) -> None:
+async def _ingest_forever(
+    connect_kwargs: dict[str, Any], base: str, stop: asyncio.Event, status: NodeStatus
+) -> None:
     """Run the ingestor until `stop`; a failure is logged and ingest restarts after a pause."""
     while not stop.is_set():
         _say(f"ingest: following {base}")
         try:
-            await _ingest_once(connect_kwargs, base, stop)
+            await _ingest_once(connect_kwargs, base, stop, status)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 — reads must survive any ingest failure
+            status.failed(f"{type(exc).__name__}: {exc}")
             _say(f"ingest failed: {type(exc).__name__}: {exc}; retrying in {INGEST_RETRY_S:.0f}s")
             await _wait(stop, INGEST_RETRY_S)
 
@@ -178,7 +202,10 @@ async def _run(args: argparse.Namespace) -> int:
         await _prepare_schema(kwargs, embedded=not args.database_url)
         if stop.is_set():
             return 0
-        app = create_app(connect_kwargs=kwargs, version=__version__)
+        status = NodeStatus(ingest=not no_ingest, upstream=base)
+        app = create_app(
+            connect_kwargs=kwargs, version=__version__, status=status, ready_max_lag_s=args.ready_max_lag
+        )
         config = uvicorn.Config(
             app,
             host=args.host,
@@ -190,7 +217,7 @@ async def _run(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         )
         server = _Server(config)
-        ingest = None if no_ingest else asyncio.create_task(_ingest_forever(kwargs, base, stop))
+        ingest = None if no_ingest else asyncio.create_task(_ingest_forever(kwargs, base, stop, status))
         if ingest is None:
             _say("ingest off (--no-ingest): serving what the database holds")
         announcer = asyncio.create_task(_announce(server, args.host, args.port))

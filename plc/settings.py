@@ -5,8 +5,9 @@ environment, then the default. `SETTINGS` feeds the CLI parsers and the docs
 (`markdown_table()` is the table in docs/configuration.md; a test keeps the two equal).
 
 A setting's `kind` says how its value is read: "text" (as given), "port" (an integer
-0–65535) or "flag" (a boolean: the flag takes no value; the environment variable is one of
-1/true/yes/on or 0/false/no/off, any case, empty meaning unset).
+0–65535), "seconds" (a finite number >= 0) or "flag" (a boolean: the flag takes no value;
+the environment variable is one of 1/true/yes/on or 0/false/no/off, any case, empty meaning
+unset).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class Setting:
     env: str
     default: str | None
     help: str
-    kind: str = "text"  # "text", "port" or "flag" (see the module docstring)
+    kind: str = "text"  # "text", "port", "seconds" or "flag" (see the module docstring)
 
 
 DATABASE_URL = Setting(
@@ -74,7 +75,17 @@ NO_INGEST = Setting(
     kind="flag",
 )
 
-SETTINGS = (DATABASE_URL, DATA_DIR, UPSTREAM, HOST, PORT, NO_INGEST)
+READY_MAX_LAG = Setting(
+    "ready_max_lag",
+    "--ready-max-lag",
+    "PLC_READY_MAX_LAG",
+    "300",
+    "Largest lag behind the upstream (seconds since the createdAt of the newest op ingested) at "
+    "which `GET /-/ready` still answers 200. Ignored with --no-ingest.",
+    kind="seconds",
+)
+
+SETTINGS = (DATABASE_URL, DATA_DIR, UPSTREAM, HOST, PORT, NO_INGEST, READY_MAX_LAG)
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -92,6 +103,17 @@ def port_number(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"port out of range 0-65535: {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """A number of seconds >= 0 from its text (argparse `type=` for "seconds" settings)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"seconds must be a finite number >= 0, not {text!r}")
     return value
 
 
@@ -143,7 +165,7 @@ def add_argument(parser: argparse.ArgumentParser, setting: Setting) -> None:
         dest=setting.name,
         default=default,
         metavar=setting.env,
-        type=port_number if setting.kind == "port" else str,
+        type={"port": port_number, "seconds": seconds}.get(setting.kind, str),
         help=f"{setting.help} [env {setting.env}; default: {shown}]",
     )
 

@@ -9,7 +9,7 @@ precedence order:
     GET  /                     302 to https://web.plc.directory
     GET  /_health              {"version":…} or 503
     GET  /export               JSON lines, sequenced (after=<digits>) or legacy mode
-    GET  /export/stream        426 without a websocket upgrade
+    GET  /export/stream        426 without a websocket upgrade (the websocket: ``stream``)
     GET  /:did                 DID document (application/did+ld+json)
     GET  /:did/data            document data
     GET  /:did/log             non-nullified ops
@@ -54,6 +54,7 @@ from .http import (
     send_reply,
 )
 from .jsdate import parse_js_date
+from .stream import StreamRoute
 
 log = logging.getLogger("plc.api")
 
@@ -363,6 +364,7 @@ def build_routes() -> list[BaseRoute]:
         PlcRoute((), ("GET",), root, "root"),
         PlcRoute(("_health",), ("GET",), health, "health"),
         PlcRoute(("export",), ("GET",), export, "export"),
+        StreamRoute(),  # websocket upgrades only
         PlcRoute(("export", "stream"), ("GET",), export_stream, "export_stream"),
         PlcRoute((DID,), ("GET",), did_document, "did_document"),
         PlcRoute((DID, "data"), ("GET",), did_data, "did_data"),

@@ -27,10 +27,8 @@ import contextlib
 import logging
 import signal
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 import uvicorn
@@ -41,8 +39,8 @@ from .metrics import NodeStatus
 from .store.database import connect, database
 from .store.embedded import EmbeddedPostgresError
 from .store.migrate import MigrationError, migrate, pending
-from .sync.ingest import Ingestor
-from .sync.upstream import Upstream
+from .sync.ingest import Ingestor, report_progress
+from .sync.upstream import Upstream, check_upstream_url
 
 SERVE_SETTINGS = (
     settings.DATABASE_URL,
@@ -88,10 +86,10 @@ class _Server(uvicorn.Server):
 
 
 def _check_upstream_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ServeError(f"--upstream must be an http(s) URL, not {url!r}")
-    return url.rstrip("/")
+    try:
+        return check_upstream_url(url)
+    except ValueError as exc:
+        raise ServeError(str(exc)) from None
 
 
 async def _prepare_schema(connect_kwargs: dict[str, Any], embedded: bool) -> None:
@@ -115,16 +113,7 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
 
 
 async def _report(ing: Ingestor) -> None:
-    last, seen = time.monotonic(), ing.accepted
-    while True:
-        await asyncio.sleep(PROGRESS_EVERY_S)
-        now = time.monotonic()
-        rate = (ing.accepted - seen) / (now - last)
-        last, seen = now, ing.accepted
-        _say(
-            f"ingest: cursor {ing.cursor}, {ing.accepted} accepted ({rate:.0f}/s), "
-            f"{sum(ing.rejected.values())} rejected, divergences {dict(ing.divergences)}"
-        )
+    await report_progress(ing, _say, "ingest", PROGRESS_EVERY_S)
 
 
 class _ObservedIngestor(Ingestor):

@@ -311,3 +311,18 @@ class _Counts:
 
 
 __all__ = ["BACKDATED", "CONFLICT", "REJECTED", "SEQ_REGRESSION", "Ingestor"]
+
+
+async def report_progress(ing: Ingestor, say: Callable[[str], None], label: str, every_s: float) -> None:
+    """Every ``every_s`` seconds, say the cursor, the accepted rate and the refusals (runs
+    until cancelled)."""
+    last, seen = time.monotonic(), ing.accepted
+    while True:
+        await asyncio.sleep(every_s)
+        now = time.monotonic()
+        rate = (ing.accepted - seen) / (now - last)
+        last, seen = now, ing.accepted
+        say(
+            f"{label}: cursor {ing.cursor}, {ing.accepted} accepted ({rate:.0f}/s), "
+            f"{sum(ing.rejected.values())} rejected, divergences {dict(ing.divergences)}"
+        )

@@ -10,9 +10,7 @@ import contextlib
 import logging
 import signal
 import sys
-import time
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -20,8 +18,8 @@ from .. import settings
 from ..store.database import connect, database
 from ..store.embedded import EmbeddedPostgresError
 from ..store.migrate import MigrationError, pending
-from .ingest import Ingestor
-from .upstream import CursorAhead, Upstream, UpstreamError
+from .ingest import Ingestor, report_progress
+from .upstream import CursorAhead, Upstream, UpstreamError, check_upstream_url
 
 PROGRESS_EVERY_S = 10.0
 
@@ -45,24 +43,14 @@ class SyncError(Exception):
 
 
 def _check_upstream_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise SyncError(f"--upstream must be an http(s) URL, not {url!r}")
-    return url.rstrip("/")
+    try:
+        return check_upstream_url(url)
+    except ValueError as exc:
+        raise SyncError(str(exc)) from None
 
 
 async def _report(ing: Ingestor) -> None:
-    last = time.monotonic()
-    seen = ing.accepted
-    while True:
-        await asyncio.sleep(PROGRESS_EVERY_S)
-        now = time.monotonic()
-        rate = (ing.accepted - seen) / (now - last)
-        last, seen = now, ing.accepted
-        _say(
-            f"plc sync: cursor {ing.cursor}, {ing.accepted} accepted ({rate:.0f}/s), "
-            f"{sum(ing.rejected.values())} rejected, divergences {dict(ing.divergences)}"
-        )
+    await report_progress(ing, _say, "plc sync", PROGRESS_EVERY_S)
 
 
 async def _run(args: argparse.Namespace) -> int:

@@ -564,3 +564,11 @@ def _stream_closed(closed: websockets.exceptions.ConnectionClosed) -> StreamClos
     if rcvd.code == 1000 and rcvd.reason:
         return StreamClosed(rcvd.reason, rcvd.code)
     return StreamClosed(DISCONNECTED, rcvd.code, rcvd.reason)
+
+
+def check_upstream_url(url: str) -> str:
+    """The upstream base URL without a trailing slash; ValueError unless it is http(s)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"--upstream must be an http(s) URL, not {url!r}")
+    return url.rstrip("/")

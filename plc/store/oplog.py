@@ -85,7 +85,7 @@ _CID_TEXT_PREFIX = "b" + base64.b32encode(CID_PREFIX + bytes(32)).decode().lower
 
 def cid_text(digest: bytes) -> str:
     """The canonical ``bafyrei…`` text of a dag-cbor sha2-256 CID from its 32-byte digest."""
-    return "b" + base64.b32encode(CID_PREFIX + digest).decode().lower().rstrip("=")
+    return libipld.encode_multibase("b", CID_PREFIX + digest)
 
 
 def cid_digest(text: str) -> bytes | None:
@@ -277,7 +277,7 @@ def did_bytes(did: str) -> bytes | None:
 
 def did_text(data: bytes) -> str:
     """The did:plc string back from ``did_bytes``."""
-    return _DID_PREFIX + base64.b32encode(data).decode().lower()
+    return _DID_PREFIX + libipld.encode_multibase("b", data)[1:]
 
 
 # ----------------------------------------------------------------------------- the chain state

@@ -156,6 +156,19 @@ async def test_replay_through_the_database_equals_the_in_memory_replay(pg_dsn):
             rows = await oplog.did_rows(conn, did)
             assert audit_json(rows) == audit_json_from_entries(did, mlog.entries)
             assert [r.seq for r in rows] == [seqs[(did, e.cid)] for e in mlog.entries]
+        # many DIDs in one query give exactly what one query per DID gives
+        unknown = ["did:plc:aaaaaaaaaaaaaaaaaaaaaaaa", "not-a-did"]
+        many = await oplog.load_dids(conn, list(memory) + unknown)
+        assert set(many) == set(memory) | set(unknown)
+        assert many["did:plc:aaaaaaaaaaaaaaaaaaaaaaaa"] is None and many["not-a-did"] is None
+        for did in memory:
+            one, batch = await oplog.load_did(conn, did), many[did]
+            assert batch is not None and batch.did == did
+            assert [(e.cid, e.created_at, e.signer, e.keys, e.tombstone, e.nullified, e.op) for e in batch.entries] == [
+                (e.cid, e.created_at, e.signer, e.keys, e.tombstone, e.nullified, e.op) for e in one.entries
+            ]
+            assert [e.cid for e in batch.live] == [e.cid for e in one.live] and batch.cids == one.cids
+        assert await oplog.load_dids(conn, []) == {}
         cur = await oplog.get_cursor(conn, UPSTREAM)
         assert cur == oplog.Cursor(corpus[-1][4], corpus[-1][2])
         # the export reads every op once, in seq order, page by page

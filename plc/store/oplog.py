@@ -312,6 +312,35 @@ async def load_did(conn: Any, did: str) -> DidLog | None:
     return log
 
 
+_LOAD_MANY_SQL = """
+SELECT d.did, o.cid, o.created_at, o.op, o.signer, o.nullified
+FROM plc_did d JOIN plc_op o ON o.did_id = d.id
+WHERE d.did = ANY($1::bytea[])
+ORDER BY d.did, o.pos
+"""
+
+
+async def load_dids(conn: Any, dids: Sequence[str]) -> dict[str, DidLog | None]:
+    """``load_did`` for many DIDs in one query: every DID asked for is a key (None if unknown)."""
+    out: dict[str, DidLog | None] = dict.fromkeys(dids)
+    keys = [k for k in (did_bytes(d) for d in out) if k is not None]
+    if not keys:
+        return out
+    log: DidLog | None = None
+    current = b""
+    for r in await conn.fetch(_LOAD_MANY_SQL, keys):
+        if r[0] != current:
+            current = r[0]
+            log = DidLog(did_text(current))
+            out[log.did] = log
+        e = _entry(r[1], r[2], r[3], r[4], r[5])
+        log.entries.append(e)  # type: ignore[union-attr]
+        if not e.nullified:
+            log.live.append(e)  # type: ignore[union-attr]
+        log.cids.add(e.cid)  # type: ignore[union-attr]
+    return out
+
+
 # ----------------------------------------------------------------------------- commit
 class Cursor(NamedTuple):
     """Where ingestion from one upstream stands: last seq (sequenced) and/or createdAt ms (legacy)."""

@@ -190,6 +190,15 @@ class Ingestor:
         high = self.high_created_ms
         batch_logs: dict[str, DidLog | None] = {}
         try:
+            # the state of every DID the cache does not hold, in one query
+            missing = {
+                rec.did
+                for batch in batches
+                for rec in batch.records
+                if isinstance(rec, UpstreamRecord) and not self._cache.get(rec.did)[0]
+            }
+            if missing:
+                batch_logs.update(await oplog.load_dids(self.conn, list(missing)))
             for batch in batches:
                 for rec in batch.records:
                     if isinstance(rec, MalformedLine):

@@ -856,3 +856,20 @@ def test_reference_500s_carry_a_human_detail():
         chain.check_op(None, did_for_genesis(op), op, mode=chain.REPLAY, created_at=0)
     assert exc.value.status == 500 and exc.value.message == "Internal Server Error"
     assert exc.value.detail.startswith("sig is not strict unpadded base64url")
+
+
+def test_size_limit_counts_integral_numbers_as_the_reference_encodes_them():
+    """JavaScript's dag-cbor encoder writes 1.0 as the 1-byte integer 1, not a 9-byte float:
+    a body of such numbers just under 4000 bytes is a shape error, not "too large"."""
+    from plc.core.limits import MAX_OP_BYTES, check_size
+
+    n = 3900  # ~3900 one-byte items + headers: fits as integers, would not fit as floats
+    body = {"x": [1.0] * n}
+    check_size(body)  # no error: encoded as integers it is under the limit
+    assert len(libipld.encode_dag_cbor({"x": [1] * n})) <= MAX_OP_BYTES < len(libipld.encode_dag_cbor(body))
+    with pytest.raises(OpError) as exc:
+        chain.check_op(None, "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa", body, mode=SUBMIT, created_at=0)
+    assert exc.value.reason == Reason.INVALID_SHAPE
+    with pytest.raises(OpError) as big:
+        check_size({"x": [1.5] * n})  # non-integral numbers stay 9-byte floats
+    assert big.value.reason == Reason.TOO_LARGE

@@ -43,10 +43,27 @@ def _limit(message: str) -> OpError:
     return OpError(Reason.CONSTRAINT, message)
 
 
+_SAFE_INTEGER = 2**53 - 1
+
+
+def _as_js_numbers(value: Any) -> Any:
+    """JSON numbers as the reference's encoder sees them: JavaScript has one number type, and
+    @ipld/dag-cbor writes an integral number (1.0, -0.0, 1e20) as a CBOR integer; orjson gives
+    such values as floats. Only the encoded size depends on this."""
+    t = type(value)
+    if t is float:
+        return int(value) if value.is_integer() and abs(value) <= _SAFE_INTEGER else value
+    if t is dict:
+        return {k: _as_js_numbers(v) for k, v in value.items()}
+    if t is list:
+        return [_as_js_numbers(v) for v in value]
+    return value
+
+
 def check_size(body: Any) -> None:
     """Step 2: the DAG-CBOR of the whole received body (any fields) must fit in 4000 bytes."""
     try:
-        size = len(dag_cbor(body))
+        size = len(dag_cbor(_as_js_numbers(body)))
     except (ValueError, TypeError, OverflowError):
         # not representable in DAG-CBOR (e.g. a non-finite float): the shape check refuses it
         return

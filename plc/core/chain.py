@@ -21,9 +21,9 @@ from typing import Any
 
 from .encoding import authority_keys, canonical_cid, cid_for_cbor, dag_cbor, did_for_cbor, unsigned_from_signed
 from .errors import INTERNAL_ERROR_TEXT, MISORDERED_TEXT, OpError, Reason
-from .jsonfmt import dumps_str, op_order, v8_order
+from .jsonfmt import dumps_str, v8_order
 from .limits import check_fields, check_rate, check_size
-from .shape import CREATE, NUL, OPERATION, SURROGATE, TOMBSTONE, require_shape, schema_ordered, unstorable_text
+from .shape import NUL, OPERATION, SURROGATE, TOMBSTONE, require_shape, schema_ordered, unstorable_text
 from .didkey import parse_rotation_key
 from .signatures import SigDecodeError, UnsupportedKeyError, decode_sig, first_verifying_key, is_low_s, sig_error
 
@@ -255,4 +255,4 @@ def replay(did: str, items: list[tuple[dict[str, Any], int, str | None]]) -> tup
     return log, rejected
 
 
-__all__ = ["REPLAY", "SUBMIT", "OpEntry", "DidLog", "Accepted", "check_op", "replay", "op_order", "CREATE"]
+__all__ = ["REPLAY", "SUBMIT", "OpEntry", "DidLog", "Accepted", "check_op", "replay"]

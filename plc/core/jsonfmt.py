@@ -36,18 +36,68 @@ def _jsonb_key(key: str) -> tuple[int, int, bytes]:
     return (1, len(b), b)
 
 
+# key tuple (in the dict's own order) -> the §1.9 order, or None if already in that order
+_ORDER_CACHE: dict[tuple[str, ...], tuple[str, ...] | None] = {}
+_ORDER_CACHE_MAX = 4096
+
+
+def _key_order(keys: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The §1.9 order of these keys (None when they already are in it); cached per key tuple."""
+    try:
+        return _ORDER_CACHE[keys]
+    except KeyError:
+        pass
+    order: tuple[str, ...] | None = tuple(sorted(keys, key=_jsonb_key))
+    if order == keys:
+        order = None
+    if len(_ORDER_CACHE) >= _ORDER_CACHE_MAX:
+        _ORDER_CACHE.clear()
+    _ORDER_CACHE[keys] = order
+    return order
+
+
 def op_order(value: Any) -> Any:
-    """Reorder every object inside a stored op the way jsonb + V8 would (spec §1.9)."""
-    if isinstance(value, dict):
-        return {k: op_order(value[k]) for k in sorted(value, key=_jsonb_key)}
-    if isinstance(value, list):
-        return [op_order(v) for v in value]
+    """Reorder every object inside a stored op the way jsonb + V8 would (spec §1.9); the sort
+    is cached per key tuple (ops repeat a handful of key sets).
+
+    Objects and arrays that already are in order (and hold nothing to reorder) are returned
+    as they are, not copied.
+    """
+    t = type(value)
+    if t is dict:
+        keys = tuple(value)
+        order = _key_order(keys)
+        if order is None:
+            out = None
+            for k, v in value.items():
+                tv = type(v)
+                if tv is dict or tv is list:
+                    nv = op_order(v)
+                    if nv is not v:
+                        if out is None:
+                            out = dict(value)
+                        out[k] = nv
+            return value if out is None else out
+        return {k: _ordered_child(value[k]) for k in order}
+    if t is list:
+        out_list = None
+        for i, v in enumerate(value):
+            tv = type(v)
+            if tv is dict or tv is list:
+                nv = op_order(v)
+                if nv is not v:
+                    if out_list is None:
+                        out_list = list(value)
+                    out_list[i] = nv
+        return value if out_list is None else out_list
     return value
 
 
-def sorted_keys(obj: dict[str, Any]) -> list[str]:
-    """The keys of one object in jsonb + V8 order."""
-    return sorted(obj, key=_jsonb_key)
+def _ordered_child(v: Any) -> Any:
+    t = type(v)
+    if t is dict or t is list:
+        return op_order(v)
+    return v
 
 
 def v8_order(value: Any) -> Any:

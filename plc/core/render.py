@@ -23,7 +23,7 @@ import orjson
 from .chain import OpEntry
 from .didkey import CONTEXT_BY_CURVE, parse_rotation_key
 from .encoding import normalize_op
-from .jsonfmt import format_ms, sorted_keys
+from .jsonfmt import format_ms, op_order
 from .shape import TOMBSTONE
 
 Op = Union[dict, bytes]  # an op dict, or its §1.9 JSON bytes from `op_json`
@@ -48,82 +48,18 @@ class OpRow(NamedTuple):
     seq: int | None = None
 
 
-# ----------------------------------------------------------------------------- §1.9 key order
-# key tuple (in the dict's own order) -> the §1.9 order, or None if already in that order
-_ORDER_CACHE: dict[tuple[str, ...], tuple[str, ...] | None] = {}
-_ORDER_CACHE_MAX = 4096
-
-
-def _key_order(keys: tuple[str, ...]) -> tuple[str, ...] | None:
-    """The §1.9 order of these keys (None when they already are in it); cached per key tuple."""
-    try:
-        return _ORDER_CACHE[keys]
-    except KeyError:
-        pass
-    order: tuple[str, ...] | None = tuple(sorted_keys(keys))  # type: ignore[arg-type]
-    if order == keys:
-        order = None
-    if len(_ORDER_CACHE) >= _ORDER_CACHE_MAX:
-        _ORDER_CACHE.clear()
-    _ORDER_CACHE[keys] = order
-    return order
-
-
-def order_op(value: Any) -> Any:
-    """`jsonfmt.op_order` with the sort cached per key tuple: every object inside in §1.9 order.
-
-    Objects and arrays that already are in order (and hold nothing to reorder) are returned
-    as they are, not copied.
-    """
-    t = type(value)
-    if t is dict:
-        keys = tuple(value)
-        order = _key_order(keys)
-        if order is None:
-            out = None
-            for k, v in value.items():
-                tv = type(v)
-                if tv is dict or tv is list:
-                    nv = order_op(v)
-                    if nv is not v:
-                        if out is None:
-                            out = dict(value)
-                        out[k] = nv
-            return value if out is None else out
-        return {k: _ordered_child(value[k]) for k in order}
-    if t is list:
-        out_list = None
-        for i, v in enumerate(value):
-            tv = type(v)
-            if tv is dict or tv is list:
-                nv = order_op(v)
-                if nv is not v:
-                    if out_list is None:
-                        out_list = list(value)
-                    out_list[i] = nv
-        return value if out_list is None else out_list
-    return value
-
-
-def _ordered_child(v: Any) -> Any:
-    t = type(v)
-    if t is dict or t is list:
-        return order_op(v)
-    return v
-
-
 def _op_value(op: Op) -> Any:
     """What to embed for an op inside a wrapper object: its ordered dict or a JSON fragment."""
     if type(op) is bytes:
         return _Fragment(op)
-    return order_op(op)
+    return op_order(op)
 
 
 def op_json(op: Op) -> bytes:
     """The op as the reference serves it (/log/last body, and the unit of every other list)."""
     if type(op) is bytes:
         return op
-    return _dumps(order_op(op))
+    return _dumps(op_order(op))
 
 
 # ----------------------------------------------------------------------------- /log, /log/last
@@ -134,7 +70,7 @@ def log_json(ops: Iterable[Op]) -> bytes:
 
 def log_json_from_entries(entries: Iterable[OpEntry]) -> bytes:
     """`/:did/log` from a DID's `OpEntry` list (all of them): nullified ones are left out."""
-    return _dumps([order_op(e.op) for e in entries if not e.nullified])
+    return _dumps([op_order(e.op) for e in entries if not e.nullified])
 
 
 def latest_entry(entries: Sequence[OpEntry]) -> OpEntry | None:
@@ -186,7 +122,7 @@ def audit_json_from_entries(did: str, entries: Iterable[OpEntry]) -> bytes:
         [
             {
                 "did": did,
-                "operation": order_op(e.op),
+                "operation": op_order(e.op),
                 "cid": e.cid,
                 "nullified": e.nullified,
                 "createdAt": format_ms(e.created_at),
@@ -212,10 +148,10 @@ def document_data(did: str, op: dict[str, Any]) -> dict[str, Any] | None:
     n = normalize_op(op)
     return {
         "did": did,
-        "verificationMethods": order_op(n["verificationMethods"]),
+        "verificationMethods": op_order(n["verificationMethods"]),
         "rotationKeys": n["rotationKeys"],
         "alsoKnownAs": n["alsoKnownAs"],
-        "services": order_op(n["services"]),
+        "services": op_order(n["services"]),
     }
 
 

@@ -40,7 +40,7 @@ from .metrics import NodeStatus
 from .store.database import connect, database
 from .store.embedded import EmbeddedPostgresError
 from .store.migrate import MigrationError, migrate, pending
-from .sync.ingest import Ingestor, report_progress
+from .sync.ingest import Ingestor, run_with_progress
 from .sync.upstream import Upstream, check_upstream_url
 
 SERVE_SETTINGS = (
@@ -113,10 +113,6 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), seconds)
 
 
-async def _report(ing: Ingestor) -> None:
-    await report_progress(ing, _say, "ingest", PROGRESS_EVERY_S)
-
-
 class _ObservedIngestor(Ingestor):
     """An Ingestor that tells the node status about each committed batch."""
 
@@ -138,13 +134,7 @@ async def _ingest_once(
         async with Upstream(base) as up:
             ing = _ObservedIngestor(conn, up, upstream_name=base, status=status)
             status.attach(ing)
-            reporter = asyncio.create_task(_report(ing))
-            try:
-                await ing.run(stop)
-            finally:
-                reporter.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reporter
+            await run_with_progress(ing, stop, _say, "ingest", PROGRESS_EVERY_S)
             _say(f"ingest stopped at cursor {ing.cursor} ({ing.accepted} ops accepted)")
     finally:
         with contextlib.suppress(Exception):

@@ -335,3 +335,16 @@ async def report_progress(ing: Ingestor, say: Callable[[str], None], label: str,
             f"{label}: cursor {ing.cursor}, {ing.accepted} accepted ({rate:.0f}/s), "
             f"{sum(ing.rejected.values())} rejected, divergences {dict(ing.divergences)}"
         )
+
+
+async def run_with_progress(
+    ing: Ingestor, stop: asyncio.Event, say: Callable[[str], None], label: str, every_s: float
+) -> None:
+    """``ing.run(stop)`` with ``report_progress`` alongside it, stopped with it."""
+    reporter = asyncio.create_task(report_progress(ing, say, label, every_s))
+    try:
+        await ing.run(stop)
+    finally:
+        reporter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reporter

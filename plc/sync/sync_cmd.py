@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import signal
 import sys
@@ -18,7 +17,7 @@ from .. import settings
 from ..store.database import connect, database
 from ..store.embedded import EmbeddedPostgresError
 from ..store.migrate import MigrationError, pending
-from .ingest import Ingestor, report_progress
+from .ingest import Ingestor, run_with_progress
 from .upstream import CursorAhead, Upstream, UpstreamError, check_upstream_url
 
 PROGRESS_EVERY_S = 10.0
@@ -49,10 +48,6 @@ def _check_upstream_url(url: str) -> str:
         raise SyncError(str(exc)) from None
 
 
-async def _report(ing: Ingestor) -> None:
-    await report_progress(ing, _say, "plc sync", PROGRESS_EVERY_S)
-
-
 async def _run(args: argparse.Namespace) -> int:
     base = _check_upstream_url(args.upstream)
     stop = asyncio.Event()
@@ -71,13 +66,7 @@ async def _run(args: argparse.Namespace) -> int:
             async with Upstream(base) as up:
                 ing = Ingestor(conn, up, upstream_name=base)
                 _say(f"plc sync: following {base}")
-                reporter = asyncio.create_task(_report(ing))
-                try:
-                    await ing.run(stop)
-                finally:
-                    reporter.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await reporter
+                await run_with_progress(ing, stop, _say, "plc sync", PROGRESS_EVERY_S)
                 _say(f"plc sync: stopped at cursor {ing.cursor} ({ing.accepted} ops accepted this run)")
             return 0
         finally:

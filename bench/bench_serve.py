@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import importlib.metadata
 import os
-import platform
 import random
 import re
 import shlex
@@ -42,6 +41,8 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from _machine import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -77,18 +78,6 @@ def free_port() -> int:
 def pct(values: list[float], p: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPUs ({model}), Linux {platform.release()}, Python {platform.python_version()}"
 
 
 def versions() -> str:
@@ -367,7 +356,7 @@ def report(args: argparse.Namespace, r: dict) -> str:
     lines = [
         f"## Catch-up, GET /:did and stream lag (`bench/bench_serve.py`) — {when}",
         "",
-        f"- Machine: {machine()}; PostgreSQL {r['pg']} (embedded, default settings, fsync on)",
+        f"- Machine: {describe()}; PostgreSQL {r['pg']} (embedded, default settings, fsync on)",
         f"- Libraries: {versions()}",
         f"- Command: `.venv/bin/python bench/bench_serve.py {shlex.join(sys.argv[1:])}`",
         f"- Corpus: {r['ops']:,} valid ops of {r['dids']:,} DIDs, `generate(seed={args.seed}, fmt=\"sequenced\", "

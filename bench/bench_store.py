@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import shlex
 import shutil
 import sys
@@ -27,6 +26,8 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from _machine import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -116,25 +117,13 @@ async def run(args: argparse.Namespace, items: list[tuple]) -> dict:
     }
 
 
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPUs ({model}), Linux {platform.release()}, Python {platform.python_version()}"
-
-
 def report(args: argparse.Namespace, r: dict, gen_s: float) -> str:
     ops = r["ops"]
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     lines = [
         f"## Op log size on disk and commit rate (`bench/bench_store.py`, op form `{args.op_form}`) — {when}",
         "",
-        f"- Machine: {machine()}; PostgreSQL {r['pg']} (embedded, default settings, fsync on)",
+        f"- Machine: {describe()}; PostgreSQL {r['pg']} (embedded, default settings, fsync on)",
         f"- Command: `.venv/bin/python bench/bench_store.py {shlex.join(sys.argv[1:])}`",
         f"- Corpus: {ops:,} valid ops of {r['dids']:,} DIDs, `generate(seed={args.seed}, invalid_rate=0)`, "
         f"replayed in memory ({gen_s:.0f} s, not counted), committed in batches of {args.batch}",

@@ -37,6 +37,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from _machine import cpu_model
+from _machine import ram as ram_size
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -182,22 +185,7 @@ def run_verify(path: Path, workers: int) -> tuple[float, dict]:
 
 # ----------------------------------------------------------------------------- machine
 def machine() -> dict[str, str]:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    ram = "?"
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                ram = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-                break
-    except OSError:
-        pass
+    cpu, ram = cpu_model(), ram_size()
     import cryptography
     import orjson
     from cryptography.hazmat.backends.openssl.backend import backend

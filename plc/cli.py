@@ -14,6 +14,7 @@ from . import __version__
 
 def build_parser() -> argparse.ArgumentParser:
     from . import serve_cmd
+    from .cluster import cluster_cmd
     from .store import migrate_cmd
     from .sync import sync_cmd
     from .tools import generate, verify
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate_cmd.register(sub)
     sync_cmd.register(sub)
     serve_cmd.register(sub)
+    cluster_cmd.register(sub)
     return parser
 
 

@@ -143,7 +143,7 @@ def start_upstream_child(corpus: Path, work: Path) -> tuple[subprocess.Popen, st
 
 
 # ----------------------------------------------------------------------------- catch-up
-async def catch_up(connect_kwargs: dict, url: str, last_seq: int) -> dict:
+async def catch_up(connect_kwargs: dict, url: str, last_seq: int, workers: int) -> dict:
     import asyncpg
 
     from plc.sync.ingest import Ingestor
@@ -152,7 +152,7 @@ async def catch_up(connect_kwargs: dict, url: str, last_seq: int) -> dict:
     conn = await asyncpg.connect(**connect_kwargs)
     try:
         async with Upstream(url, requests_per_window=10**9, cutover_s=0) as up:
-            ing = Ingestor(conn, up, upstream_name=UPSTREAM_NAME)
+            ing = Ingestor(conn, up, upstream_name=UPSTREAM_NAME, workers=workers, connect_kwargs=connect_kwargs)
             stop = asyncio.Event()
             t0 = time.perf_counter()
             task = asyncio.create_task(ing.run(stop))
@@ -313,12 +313,14 @@ def run(args: argparse.Namespace) -> dict:
 
         up_proc, url = start_upstream_child(head_file, work)
         procs.append(up_proc)
-        r["catchup"] = asyncio.run(catch_up(pg.connect_kwargs, url, last_seq))
+        r["catchup"] = asyncio.run(catch_up(pg.connect_kwargs, url, last_seq, args.ingest_workers))
         r["catchup"]["rate"] = r["catchup"]["accepted"] / r["catchup"]["seconds"]
         print(f"catch-up: {r['catchup']}", file=sys.stderr)
         up_proc.terminate()
         up_proc.wait(10)
         procs.remove(up_proc)
+        if args.catchup_only:
+            return r
 
         port = free_port()
         serve = start_serve(pg.dsn, port, work)
@@ -410,6 +412,9 @@ def main() -> int:
     p.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--no-lag", action="store_true", help="skip the stream lag measure")
+    p.add_argument("--ingest-workers", type=int, default=os.cpu_count() or 1,
+                   help="validation processes during catch-up (default: one per core)")
+    p.add_argument("--catchup-only", action="store_true", help="stop after the catch-up measure")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
     if shutil.which("wrk") is None:

@@ -27,7 +27,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import asyncpg
@@ -36,6 +36,8 @@ import uvloop
 
 from . import __version__, settings
 from .api.app import create_app
+from .forward import config_from_args as forward_config
+from .identity.resolver import config_from_args
 from .metrics import NodeStatus
 from .store.database import connect, database
 from .store.embedded import EmbeddedPostgresError
@@ -51,6 +53,10 @@ SERVE_SETTINGS = (
     settings.PORT,
     settings.NO_INGEST,
     settings.READY_MAX_LAG,
+    settings.INGEST_WORKERS,
+    settings.DOC_CACHE_SIZE,
+    *settings.FORWARD_SETTINGS,
+    *settings.IDENTITY_SETTINGS,
 )
 INGEST_RETRY_S = 30.0  # pause before ingest starts again after a failure
 PROGRESS_EVERY_S = 60.0  # how often the ingest progress line is logged
@@ -113,26 +119,15 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), seconds)
 
 
-class _ObservedIngestor(Ingestor):
-    """An Ingestor that tells the node status about each committed batch."""
-
-    def __init__(self, *args: Any, status: NodeStatus, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.status = status
-
-    async def ingest(self, batches: list[Any]) -> int:
-        inserted = await super().ingest(batches)
-        self.status.committed()
-        return inserted
-
-
 async def _ingest_once(
-    connect_kwargs: dict[str, Any], base: str, stop: asyncio.Event, status: NodeStatus
+    connect_kwargs: dict[str, Any], base: str, stop: asyncio.Event, status: NodeStatus, workers: int,
+    on_commit: Callable[[set[str]], Any],
 ) -> None:
     conn = await connect(connect_kwargs)
     try:
         async with Upstream(base) as up:
-            ing = _ObservedIngestor(conn, up, upstream_name=base, status=status)
+            ing = Ingestor(conn, up, upstream_name=base, on_commit=on_commit,
+                           workers=workers, connect_kwargs=connect_kwargs)
             status.attach(ing)
             await run_with_progress(ing, stop, _say, "ingest", PROGRESS_EVERY_S)
             _say(f"ingest stopped at cursor {ing.cursor} ({ing.accepted} ops accepted)")
@@ -142,13 +137,14 @@ async def _ingest_once(
 
 
 async def _ingest_forever(
-    connect_kwargs: dict[str, Any], base: str, stop: asyncio.Event, status: NodeStatus
+    connect_kwargs: dict[str, Any], base: str, stop: asyncio.Event, status: NodeStatus, workers: int,
+    on_commit: Callable[[set[str]], Any],
 ) -> None:
     """Run the ingestor until `stop`; a failure is logged and ingest restarts after a pause."""
     while not stop.is_set():
         _say(f"ingest: following {base}")
         try:
-            await _ingest_once(connect_kwargs, base, stop, status)
+            await _ingest_once(connect_kwargs, base, stop, status, workers, on_commit)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 — reads must survive any ingest failure
@@ -184,8 +180,19 @@ async def _run(args: argparse.Namespace) -> int:
             return 0
         status = NodeStatus(ingest=not no_ingest, upstream=base)
         app = create_app(
-            connect_kwargs=kwargs, version=__version__, status=status, ready_max_lag_s=args.ready_max_lag
+            connect_kwargs=kwargs,
+            version=__version__,
+            status=status,
+            ready_max_lag_s=args.ready_max_lag,
+            forward=forward_config(args, base),
+            doc_cache_size=args.doc_cache_size,
+            identity_config=config_from_args(args),
         )
+
+        def on_commit(dids: set[str]) -> None:
+            status.committed()
+            app.state.doc_cache.invalidate(dids)
+
         config = uvicorn.Config(
             app,
             host=args.host,
@@ -198,7 +205,9 @@ async def _run(args: argparse.Namespace) -> int:
             http="httptools",
         )
         server = _Server(config)
-        ingest = None if no_ingest else asyncio.create_task(_ingest_forever(kwargs, base, stop, status))
+        ingest = None if no_ingest else asyncio.create_task(
+            _ingest_forever(kwargs, base, stop, status, args.ingest_workers, on_commit)
+        )
         if ingest is None:
             _say("ingest off (--no-ingest): serving what the database holds")
         announcer = asyncio.create_task(_announce(server, args.host, args.port))

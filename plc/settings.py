@@ -5,7 +5,8 @@ environment, then the default. `SETTINGS` feeds the CLI parsers and the docs
 (`markdown_table()` is the table in docs/configuration.md; a test keeps the two equal).
 
 A setting's `kind` says how its value is read: "text" (as given), "port" (an integer
-0–65535), "seconds" (a finite number >= 0) or "flag" (a boolean: the flag takes no value;
+0–65535), "seconds" (a finite number >= 0), "bytes" (an integer >= 1), "rate" (`N/SECONDS`,
+or 0/off for no limit) "count" (an integer >= 0), "workers" (the same or `auto` = the CPU cores) or "flag" (a boolean: the flag takes no value;
 the environment variable is one of 1/true/yes/on or 0/false/no/off, any case, empty meaning
 unset).
 """
@@ -24,7 +25,7 @@ class Setting:
     env: str
     default: str | None
     help: str
-    kind: str = "text"  # "text", "port", "seconds" or "flag" (see the module docstring)
+    kind: str = "text"  # "text", "port", "seconds", "bytes", "rate", "count", "workers" or "flag" (see the module docstring)
 
 
 DATABASE_URL = Setting(
@@ -85,7 +86,152 @@ READY_MAX_LAG = Setting(
     kind="seconds",
 )
 
-SETTINGS = (DATABASE_URL, DATA_DIR, UPSTREAM, HOST, PORT, NO_INGEST, READY_MAX_LAG)
+INGEST_WORKERS = Setting(
+    "ingest_workers",
+    "--ingest-workers",
+    "PLC_INGEST_WORKERS",
+    "auto",
+    "Processes that validate upstream ops while the main process fetches and commits (a DID's ops "
+    "always go to the same one). `auto`: one per CPU core; 0: validate in the main process.",
+    kind="workers",
+)
+
+DOC_CACHE_SIZE = Setting(
+    "doc_cache_size",
+    "--doc-cache-size",
+    "PLC_DOC_CACHE_SIZE",
+    "20000",
+    "DIDs whose ops and rendered replies `plc serve` keeps in memory (least recently used dropped "
+    "first; 0: no cache). Dropped at once when this node stores an op of the DID, within 0.1 s "
+    "when another node does.",
+    kind="count",
+)
+
+FORWARD_UPSTREAM = Setting(
+    "forward_upstream",
+    "--forward-upstream",
+    "PLC_FORWARD_UPSTREAM",
+    None,
+    "Where `POST /:did` is forwarded after local validation: a base URL, or several separated by "
+    "commas (all get the op at once; the first one's answer is relayed). Absent: the --upstream. "
+    "`off`: POST answers 501.",
+)
+FORWARD_RETRY_BUDGET = Setting(
+    "forward_retry_budget",
+    "--forward-retry-budget",
+    "PLC_FORWARD_RETRY_BUDGET",
+    "30",
+    "Seconds a forwarded op may spend in retries (connection failures, 502/503/504, 429 with its "
+    "Retry-After) before the upstream's last answer, or a 502/504, is relayed.",
+    kind="seconds",
+)
+FORWARD_PENDING_WINDOW = Setting(
+    "forward_pending_window",
+    "--forward-pending-window",
+    "PLC_FORWARD_PENDING_WINDOW",
+    "600",
+    "Seconds an op accepted upstream is served from this node before the ingest brings it back; "
+    "after that it is recorded as an `unpublished` divergence and dropped.",
+    kind="seconds",
+)
+FORWARD_IP_RATE = Setting(
+    "forward_ip_rate",
+    "--forward-ip-rate",
+    "PLC_FORWARD_IP_RATE",
+    "60/3600",
+    "Submissions allowed per client (IPv4 address or IPv6 /64) as N/SECONDS (a token bucket of N); "
+    "0 or off: no limit.",
+    kind="rate",
+)
+FORWARD_DID_RATE = Setting(
+    "forward_did_rate",
+    "--forward-did-rate",
+    "PLC_FORWARD_DID_RATE",
+    "10/3600",
+    "Forwarded submissions allowed per DID as N/SECONDS (a token bucket of N); 0 or off: no limit.",
+    kind="rate",
+)
+FORWARD_MAX_BODY = Setting(
+    "forward_max_body",
+    "--forward-max-body",
+    "PLC_FORWARD_MAX_BODY",
+    "65536",
+    "Largest `POST /:did` body read, in bytes (a larger one gets 413).",
+    kind="bytes",
+)
+TRUSTED_PROXIES = Setting(
+    "trusted_proxies",
+    "--trusted-proxies",
+    "PLC_TRUSTED_PROXIES",
+    None,
+    "Comma-separated addresses or networks of reverse proxies whose X-Forwarded-For is believed "
+    "when limiting submissions per client. Absent: the peer address is the client.",
+)
+FORWARD_SETTINGS = (
+    FORWARD_UPSTREAM,
+    FORWARD_RETRY_BUDGET,
+    FORWARD_PENDING_WINDOW,
+    FORWARD_IP_RATE,
+    FORWARD_DID_RATE,
+    FORWARD_MAX_BODY,
+    TRUSTED_PROXIES,
+)
+
+IDENTITY_NAMESERVERS = Setting(
+    "identity_nameservers",
+    "--identity-nameservers",
+    "PLC_IDENTITY_NAMESERVERS",
+    None,
+    "DNS servers for handle resolution (_atproto TXT records), comma-separated, each ip, ip:port "
+    "or [ipv6]:port. Absent: the system's resolvers (/etc/resolv.conf).",
+)
+IDENTITY_DNS_TIMEOUT = Setting(
+    "identity_dns_timeout",
+    "--identity-dns-timeout",
+    "PLC_IDENTITY_DNS_TIMEOUT",
+    "3",
+    "Seconds one DNS lookup of a handle may take (all servers and retries included).",
+    kind="seconds",
+)
+IDENTITY_HTTP_TIMEOUT = Setting(
+    "identity_http_timeout",
+    "--identity-http-timeout",
+    "PLC_IDENTITY_HTTP_TIMEOUT",
+    "5",
+    "Seconds one HTTPS request for a handle's /.well-known/atproto-did or a did:web document "
+    "may take, from connecting to the last byte of the body.",
+    kind="seconds",
+)
+IDENTITY_CACHE_TTL = Setting(
+    "identity_cache_ttl",
+    "--identity-cache-ttl",
+    "PLC_IDENTITY_CACHE_TTL",
+    "300",
+    "Seconds a resolved handle or DID document is cached (0: no cache).",
+    kind="seconds",
+)
+IDENTITY_NEGATIVE_TTL = Setting(
+    "identity_negative_ttl",
+    "--identity-negative-ttl",
+    "PLC_IDENTITY_NEGATIVE_TTL",
+    "60",
+    "Seconds a failed handle or DID resolution is cached (0: no negative cache).",
+    kind="seconds",
+)
+# The identity resolver's settings (plc.identity.resolver.config_from_args reads them). Not in
+# SETTINGS yet: `plc serve` does not take them yet (docs/identity.md, "Wiring").
+IDENTITY_SETTINGS = (
+    IDENTITY_NAMESERVERS,
+    IDENTITY_DNS_TIMEOUT,
+    IDENTITY_HTTP_TIMEOUT,
+    IDENTITY_CACHE_TTL,
+    IDENTITY_NEGATIVE_TTL,
+)
+
+SETTINGS = (
+    DATABASE_URL, DATA_DIR, UPSTREAM, HOST, PORT, NO_INGEST, READY_MAX_LAG, INGEST_WORKERS, DOC_CACHE_SIZE,
+    *FORWARD_SETTINGS, *IDENTITY_SETTINGS,
+)
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -115,6 +261,28 @@ def seconds(text: str) -> float:
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"seconds must be a finite number >= 0, not {text!r}")
     return value
+
+
+def byte_count(text: str) -> int:
+    """An integer >= 1 from its text (argparse `type=` for "bytes" settings)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of bytes: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def rate_text(text: str) -> str:
+    """A rate `N/SECONDS` (or 0/off), checked and kept as text (argparse `type=` for "rate")."""
+    from plc.forward.limits import parse_rate
+
+    try:
+        parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def flag_value(args: argparse.Namespace, setting: Setting) -> bool:
@@ -147,6 +315,24 @@ def shown_default(setting: Setting) -> str:
     return "none" if setting.default is None else setting.default
 
 
+def count_or_auto(text: str) -> int:
+    """A "workers" setting: an integer >= 0, or `auto` for the number of CPU cores."""
+    if text.strip().lower() == "auto":
+        return os.cpu_count() or 1
+    return count(text)
+
+
+def count(text: str) -> int:
+    """A "count" setting: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
+    return value
+
+
 def add_argument(parser: argparse.ArgumentParser, setting: Setting) -> None:
     """Add the setting's flag; its default comes from the environment, then the setting."""
     shown = shown_default(setting)
@@ -165,7 +351,10 @@ def add_argument(parser: argparse.ArgumentParser, setting: Setting) -> None:
         dest=setting.name,
         default=default,
         metavar=setting.env,
-        type={"port": port_number, "seconds": seconds}.get(setting.kind, str),
+        type={"port": port_number, "seconds": seconds, "bytes": byte_count, "rate": rate_text,
+               "count": count, "workers": count_or_auto}.get(
+            setting.kind, str
+        ),
         help=f"{setting.help} [env {setting.env}; default: {shown}]",
     )
 

@@ -318,3 +318,61 @@ async def test_plc_sync_upstream_refusal_is_a_one_line_error(pg_dsn, fake_upstre
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 1
     assert b"plc sync: error: upstream" in err and b"404" in err and b"Traceback" not in err
+
+
+async def test_validation_workers_store_exactly_what_the_in_process_path_stores(
+    pg_dsn, pg_database, fake_upstream_factory
+):
+    """Two validation processes (records sharded by DID), small upstream pages so several
+    groups are in flight and commits overlap validation: the same truth state, the same
+    counters; the workers are gone afterwards."""
+    lines = corpus(21, 400)
+    fake = await fake_upstream_factory([record_from_line(line) for line, _, _ in lines])
+    conn = await connect(pg_dsn)
+    committed: list[set[str]] = []
+    try:
+        async with upstream(fake, page_count=97) as up:
+            ing = Ingestor(conn, up, upstream_name="up", workers=2, batch_max=150,
+                           connect_kwargs=pg_database.connect_kwargs, on_commit=committed.append)
+            await sync_until(ing, fake.latest_seq, timeout=90)
+        await assert_matches_truth(conn, lines)
+        invalid = collections.Counter(t["reason"] for _, t, _ in lines if not t["valid"])
+        assert ing.accepted == sum(t["valid"] for _, t, _ in lines)
+        assert ing.skipped_duplicates == invalid.pop("duplicate")
+        assert dict(ing.rejected) == dict(invalid)
+        assert ing._pool is None  # run() stopped its workers
+        assert len(committed) == ing.batches > 1
+        assert set().union(*committed) == {t["did"] for _, t, _ in lines if t["valid"]}
+    finally:
+        await conn.close()
+
+
+async def test_a_failing_fence_stores_nothing_and_stops_the_ingestor(pg_dsn, fake_upstream_factory):
+    """The leadership fence runs inside the commit transaction: when it raises, neither ops nor
+    the cursor are written, and the error ends `run` (a deposed leader stops at once)."""
+    lines = corpus(22, 50)
+    fake = await fake_upstream_factory([record_from_line(line) for line, _, _ in lines])
+    conn = await connect(pg_dsn)
+    calls = 0
+
+    class Deposed(Exception):
+        pass
+
+    async def fence(c) -> None:
+        nonlocal calls
+        calls += 1
+        assert c is conn and c.is_in_transaction()
+        await c.execute("SELECT 1")
+        raise Deposed("another node holds the ingest lock")
+
+    try:
+        async with upstream(fake) as up:
+            ing = Ingestor(conn, up, upstream_name="up", fence=fence)
+            with pytest.raises(Deposed):
+                await asyncio.wait_for(ing.run(), 30)
+        assert calls == 1
+        assert await conn.fetchval("SELECT count(*) FROM plc_op") == 0
+        assert await oplog.get_cursor(conn, "up") is None
+        assert ing.cursor == 0 and ing.accepted == 0
+    finally:
+        await conn.close()

@@ -283,7 +283,8 @@ async def test_serve_ingest_feeds_the_node_status(pg_dsn, pg_database, fake_upst
         await conn.close()
     status = NodeStatus(ingest=True, upstream=fake.url)
     stop = asyncio.Event()
-    task = asyncio.create_task(serve_cmd._ingest_forever(pg_database.connect_kwargs, fake.url, stop, status))
+    task = asyncio.create_task(serve_cmd._ingest_forever(
+        pg_database.connect_kwargs, fake.url, stop, status, 0, lambda _dids: status.committed()))
     try:
         await _until(lambda: "403" in status.upstream_state, task, "the failure never reached the status")
         assert status.upstream_state.startswith("UpstreamError")
@@ -293,7 +294,8 @@ async def test_serve_ingest_feeds_the_node_status(pg_dsn, pg_database, fake_upst
         await asyncio.wait_for(task, 15)
     # ingest starts again (as after INGEST_RETRY_S) and the upstream answers
     stop = asyncio.Event()
-    task = asyncio.create_task(serve_cmd._ingest_forever(pg_database.connect_kwargs, fake.url, stop, status))
+    task = asyncio.create_task(serve_cmd._ingest_forever(
+        pg_database.connect_kwargs, fake.url, stop, status, 0, lambda _dids: status.committed()))
     try:
         await _until(lambda: (status.cursor or 0) >= fake.latest_seq, task, "cursor stuck")
         assert status.upstream_state == "ok" and status.last_commit_s is not None

@@ -9,9 +9,24 @@ Operations (``ops``): ``status`` (a ``plc.metrics.NodeStatus`` or stand-in; defa
 node) is read by ``/metrics`` and ``/-/status``, ``ready_max_lag_s`` bounds the lag ``/-/ready``
 accepts; ``app.state.metrics`` is the app's own registry, fed by ``RequestMetricsMiddleware``.
 
+Identity (``identity``): ``app.state.identity`` is a ``plc.identity.IdentityResolver`` built from
+``identity_config`` (a ``ResolverConfig``; default: system DNS, HTTPS on 443), reading did:plc
+documents from the app's pool; the lifespan closes it. Its XRPC routes (``plc.api.xrpc``) come
+before the reference's routes.
+
+Read cache (``doccache``): ``app.state.doc_cache`` holds the ops and rendered replies of up to
+``doc_cache_size`` DIDs (0: no cache); a ``ChangeWatcher`` started by the lifespan invalidates
+DIDs that other processes changed, polling every ``doc_cache_poll_s`` seconds. Code in this
+process that changes a DID calls ``app.state.doc_cache.invalidate([did])`` after its commit.
+
 ``/export/stream`` (``stream``): the lifespan keeps a ``StreamHub`` in ``app.state.stream_hub``
 (``stream_buffer`` events per connection, ``stream_poll_interval`` seconds between database
 polls, ``stream_backfill_window_ms`` = how old a cursor's next event may be) and closes it first.
+
+``POST /:did`` (``forward``, a ``plc.forward.ForwardConfig``; None: answers 501): the lifespan
+starts the ``plc.api.forward.Forwarder`` kept in ``app.state.forward`` (its upstream clients and
+the background task expiring pending ops every ``config.expire_every_s``) and closes it.
+``forward_clock`` (ms since the epoch) is the submit-mode clock, for tests.
 """
 
 from __future__ import annotations
@@ -24,14 +39,34 @@ import asyncpg
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
+from ..identity.resolver import IdentityResolver, ResolverConfig
+from ..forward import ForwardConfig, ForwardMetrics
 from ..metrics import Metrics, NodeStatus, StatusSource
+from .doccache import DEFAULT_INTERVAL_S as DEFAULT_CACHE_POLL_S
+from .doccache import DEFAULT_SIZE as DEFAULT_CACHE_SIZE
+from .doccache import ChangeWatcher, DocCache
+from .forward import Forwarder, ReceiveInScope
 from .http import CorsMiddleware
 from .ops import RequestMetricsMiddleware, ops_routes
 from .routes import build_routes
 from .stream import DEFAULT_BACKFILL_WINDOW_MS, DEFAULT_BUFFER, DEFAULT_POLL_INTERVAL, StreamHub
+from .xrpc import xrpc_routes
 
 POOL_MIN = 1
 POOL_MAX = 8
+
+
+def _identity_listener(identity: IdentityResolver) -> Callable[[Any], None]:
+    """Drop the identity resolver's cached did:plc documents when the document cache drops them."""
+
+    def invalidated(dids: Any) -> None:
+        if dids is None:
+            identity.invalidate_plc()
+        else:
+            for did in dids:
+                identity.invalidate_did(did)
+
+    return invalidated
 
 
 def create_app(
@@ -44,6 +79,11 @@ def create_app(
     stream_buffer: int = DEFAULT_BUFFER,
     stream_poll_interval: float = DEFAULT_POLL_INTERVAL,
     stream_backfill_window_ms: int = DEFAULT_BACKFILL_WINDOW_MS,
+    identity_config: ResolverConfig | None = None,
+    forward: ForwardConfig | None = None,
+    forward_clock: Callable[[], int] | None = None,
+    doc_cache_size: int = DEFAULT_CACHE_SIZE,
+    doc_cache_poll_s: float = DEFAULT_CACHE_POLL_S,
 ) -> Starlette:
     """The API application; give exactly one of ``pool_factory`` and ``connect_kwargs``."""
     if (pool_factory is None) == (connect_kwargs is None):
@@ -63,21 +103,37 @@ def create_app(
             poll_interval=stream_poll_interval,
             backfill_window_ms=stream_backfill_window_ms,
         )
+        watcher = ChangeWatcher(app.state.pool, app.state.doc_cache, doc_cache_poll_s)
+        watcher.start()  # caching starts once its first poll succeeds
+        if app.state.forward is not None:
+            await app.state.forward.start(app.state.pool)
         try:
             yield
         finally:
+            await watcher.close()
             await app.state.stream_hub.close()  # /export/stream connections get close 1001
+            if app.state.forward is not None:
+                await app.state.forward.close()
+            await app.state.identity.aclose()
             await app.state.pool.close()
 
     status = status if status is not None else NodeStatus(ingest=False, upstream=None)
     metrics = Metrics(status, version)
     app = Starlette(
-        routes=ops_routes() + build_routes(),
-        middleware=[Middleware(RequestMetricsMiddleware, metrics=metrics), Middleware(CorsMiddleware)],
+        routes=ops_routes() + xrpc_routes() + build_routes(),
+        middleware=[
+            Middleware(RequestMetricsMiddleware, metrics=metrics),
+            Middleware(CorsMiddleware),
+            Middleware(ReceiveInScope),
+        ],
         lifespan=lifespan,
     )
     app.state.version = version
     app.state.status = status
     app.state.metrics = metrics
+    app.state.forward = None if forward is None else Forwarder(forward, ForwardMetrics(metrics.registry), forward_clock)
     app.state.ready_max_lag = ready_max_lag_s
+    app.state.doc_cache = DocCache(doc_cache_size)
+    app.state.identity = IdentityResolver(identity_config, pool_source=lambda: app.state.pool)
+    app.state.doc_cache.listeners.append(_identity_listener(app.state.identity))
     return app

@@ -42,6 +42,7 @@ class Reply:
     content_type: str | None = JSON_TYPE
     headers: list[tuple[str, str]] = field(default_factory=list)
     etag: bool = True
+    etag_value: str | None = None  # the ETag of ``body`` when already computed (cached replies)
 
 
 def json_reply(status: int, value: Any) -> Reply:
@@ -94,7 +95,7 @@ async def send_reply(scope: dict[str, Any], send: Any, reply: Reply) -> None:
     content_type = reply.content_type
     method = scope.get("method", "GET")
     if reply.etag:
-        etag = weak_etag(body)
+        etag = reply.etag_value or weak_etag(body)
         headers.append(("etag", etag))
         if method in ("GET", "HEAD") and 200 <= status < 300 and is_fresh(request_headers(scope), etag):
             status = 304

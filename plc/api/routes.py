@@ -15,7 +15,7 @@ precedence order:
     GET  /:did/log             non-nullified ops
     GET  /:did/log/audit       every op with its audit wrapper
     GET  /:did/log/last        latest non-nullified op
-    POST /:did                 501: forwarding submissions is not implemented yet
+    POST /:did                 validated, then forwarded upstream (plc.api.forward); 501 if off
     anything else              Express's HTML 404 (``Cannot GET /a/b/c``)
 
 HEAD is served by every GET route; OPTIONS and CORS are ``http.CorsMiddleware``'s job.
@@ -33,7 +33,7 @@ from typing import Any
 from starlette.routing import BaseRoute, Match
 
 from plc.core import render
-from plc.store import oplog
+from plc.store import oplog, pending
 
 from .export import MAX_SEQ, legacy_rows
 from .http import (
@@ -52,6 +52,7 @@ from .http import (
     query_param,
     raw_target,
     send_reply,
+    weak_etag,
 )
 from .jsdate import parse_js_date
 from .stream import StreamRoute
@@ -276,12 +277,31 @@ async def export_stream(scope: dict[str, Any], _did: str | None) -> Reply:
 # ----------------------------------------------------------------------------- /:did…
 
 
-async def _rows(scope: dict[str, Any], did: str) -> list[render.OpRow]:
-    """The DID's stored ops in audit order; [] without a query for anything not a did:plc."""
-    if oplog.did_bytes(did) is None:
-        return []
+async def _load_rows(scope: dict[str, Any], did: str) -> list[render.OpRow]:
+    """The DID's stored ops in audit order, with the ops accepted upstream through this mirror
+    and not ingested yet merged in (plc.store.pending)."""
     async with _pool(scope).acquire() as conn:
-        return await oplog.did_rows(conn, did)
+        return pending.merge(await oplog.did_rows(conn, did), await pending.load(conn, did))
+
+
+async def _cached(scope: dict[str, Any], did: str, route: str, build: Callable[[list[render.OpRow]], Reply]) -> Reply:
+    """``build(rows)`` for the DID's rows, from the document cache when it holds the DID (the
+    reply itself too, once built for this route); [] rows without a query for anything not a
+    did:plc."""
+    if oplog.did_bytes(did) is None:
+        return build([])
+    cache = scope["app"].state.doc_cache
+    entry = cache.get(did)
+    if entry is None:
+        token = cache.token()
+        entry = cache.put(did, token, await _load_rows(scope, did))
+    reply = entry.replies.get(route)
+    if reply is None:
+        reply = build(entry.rows)
+        if reply.etag and reply.etag_value is None:
+            reply.etag_value = weak_etag(reply.body)
+        entry.replies[route] = reply
+    return reply
 
 
 def _latest(rows: list[render.OpRow]) -> render.OpRow | None:
@@ -291,62 +311,80 @@ def _latest(rows: list[render.OpRow]) -> render.OpRow | None:
     return None
 
 
-async def _latest_rendered(
-    scope: dict[str, Any], did: str, render_fn: Callable[[str, Any], bytes | None], content_type: str
-) -> Reply:
+def _latest_rendered(
+    did: str, render_fn: Callable[[str, Any], bytes | None], content_type: str
+) -> Callable[[list[render.OpRow]], Reply]:
     """Render the latest non-nullified op with ``render_fn``; 404 if the DID is unknown, or
     if ``render_fn`` gives nothing (a tombstone: `DID not available`)."""
-    latest = _latest(await _rows(scope, did))
-    if latest is None:
-        return error_reply(404, render.not_registered(did))
-    body = render_fn(did, latest.op)
-    if body is None:
-        return error_reply(404, render.not_available(did))
-    return Reply(200, body, content_type)
+
+    def build(rows: list[render.OpRow]) -> Reply:
+        latest = _latest(rows)
+        if latest is None:
+            return error_reply(404, render.not_registered(did))
+        body = render_fn(did, latest.op)
+        if body is None:
+            return error_reply(404, render.not_available(did))
+        return Reply(200, body, content_type)
+
+    return build
 
 
 async def did_document(scope: dict[str, Any], did: str | None) -> Reply:
     """``/:did``: the DID document of the latest non-nullified op."""
     assert did is not None
-    return await _latest_rendered(scope, did, render.did_document_json, DID_DOC_TYPE)
+    return await _cached(scope, did, "doc", _latest_rendered(did, render.did_document_json, DID_DOC_TYPE))
 
 
 async def did_data(scope: dict[str, Any], did: str | None) -> Reply:
     """``/:did/data``."""
     assert did is not None
-    return await _latest_rendered(scope, did, render.data_json, JSON_TYPE)
+    return await _cached(scope, did, "data", _latest_rendered(did, render.data_json, JSON_TYPE))
 
 
 async def did_log(scope: dict[str, Any], did: str | None) -> Reply:
     """``/:did/log``: the non-nullified ops, oldest first (a tombstone included)."""
     assert did is not None
-    rows = await _rows(scope, did)
-    if not rows:
-        return error_reply(404, render.not_registered(did))
-    return Reply(200, render.log_json(r.op for r in rows if not r.nullified), JSON_TYPE)
+
+    def build(rows: list[render.OpRow]) -> Reply:
+        if not rows:
+            return error_reply(404, render.not_registered(did))
+        return Reply(200, render.log_json(r.op for r in rows if not r.nullified), JSON_TYPE)
+
+    return await _cached(scope, did, "log", build)
 
 
 async def did_audit(scope: dict[str, Any], did: str | None) -> Reply:
     """``/:did/log/audit``: every op, nullified ones included."""
     assert did is not None
-    rows = await _rows(scope, did)
-    if not rows:
-        return error_reply(404, render.not_registered(did))
-    return Reply(200, render.audit_json(rows), JSON_TYPE)
+
+    def build(rows: list[render.OpRow]) -> Reply:
+        if not rows:
+            return error_reply(404, render.not_registered(did))
+        return Reply(200, render.audit_json(rows), JSON_TYPE)
+
+    return await _cached(scope, did, "audit", build)
 
 
 async def did_last(scope: dict[str, Any], did: str | None) -> Reply:
     """``/:did/log/last``: the latest non-nullified op."""
     assert did is not None
-    latest = _latest(await _rows(scope, did))
-    if latest is None:
-        return error_reply(404, render.not_registered(did))
-    return Reply(200, render.log_last_json(latest.op), JSON_TYPE)
+
+    def build(rows: list[render.OpRow]) -> Reply:
+        latest = _latest(rows)
+        if latest is None:
+            return error_reply(404, render.not_registered(did))
+        return Reply(200, render.log_last_json(latest.op), JSON_TYPE)
+
+    return await _cached(scope, did, "last", build)
 
 
 async def submit(scope: dict[str, Any], did: str | None) -> Reply:
-    """``POST /:did``: not forwarded yet (deliberate deviation, docs/api.md)."""
-    return error_reply(501, NOT_FORWARDING)
+    """``POST /:did``: validated here, then forwarded upstream (plc.api.forward); 501 when the
+    app has no forwarding configured (docs/api.md)."""
+    forwarder = scope["app"].state.forward
+    if forwarder is None or did is None:
+        return error_reply(501, NOT_FORWARDING)
+    return await forwarder.handle(scope, did)
 
 
 _DID_SHAPES: tuple[tuple[str | None, ...], ...] = (

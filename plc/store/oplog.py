@@ -10,7 +10,9 @@ API
   ``items`` is a list of ``(chain.Accepted, seq | None, first_seen_at_ms)`` in the order they
   were applied; ``cursor`` a ``Cursor(seq, created_at)`` or None (leave the cursor alone);
   optional ``divergences=[Divergence(kind, did, cid, seq, reason, detail, raw), …]`` are written
-  to plc_divergence (observed_at = now_ms) in the same transaction.
+  to plc_divergence (observed_at = now_ms) in the same transaction; ``in_transaction(conn)`` runs
+  first inside it (the ingest leader's fence). ``items`` may also be ``NewOp``s (``new_op``:
+  already packed, as validation workers hand them over).
 - ``get_cursor(conn, upstream) -> Cursor | None``.
 - ``did_bytes(did)`` / ``did_text(data)``: a did:plc as stored in plc_did.did (15 bytes).
 - ``cid_digest(text)`` / ``cid_text(digest)``: a CID as stored in plc_op.cid (32-byte digest).
@@ -48,7 +50,7 @@ import base64
 import hashlib
 import time
 from functools import lru_cache
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple
 
 import libipld
@@ -381,24 +383,57 @@ class Divergence(NamedTuple):
 OP_COLUMNS = ("created_at", "seq", "first_seen_at", "did_id", "pos", "signer", "nullified", "cid", "op")
 
 
+class NewOp(NamedTuple):
+    """One op ready to store: packed and hashed already (``new_op``, or a validation worker)."""
+
+    did: str
+    digest: bytes  # the CID's SHA-256 digest
+    created_at: int  # ms
+    seq: int | None
+    first_seen: int  # ms
+    signer: int
+    nullifies: tuple[bytes, ...]  # digests of the DID's ops this one nullifies
+    op: bytes  # ``stored_op`` form
+
+
+def new_op(acc: Accepted, seq: int | None, first_seen: int) -> NewOp:
+    """The ``NewOp`` of an accepted op (packs it: ~10 us)."""
+    digest = cid_digest(acc.cid)
+    if digest is None:
+        raise ValueError(f"not a dag-cbor sha2-256 CID: {acc.cid!r}")
+    nullifies = tuple(d for d in (cid_digest(e.cid) for e in acc.nullified) if d is not None)
+    return NewOp(acc.did, digest, acc.created_at, seq, first_seen, acc.signer, nullifies,
+                 stored_op(acc.op, digest))
+
+
 async def commit(
     conn: Any,
     upstream: str,
-    items: Sequence[tuple[Accepted, int | None, int]],
+    items: Sequence[tuple[Accepted, int | None, int] | NewOp],
     cursor: Cursor | None,
     *,
     now_ms: int | None = None,
     divergences: Sequence[Divergence] = (),
+    in_transaction: Callable[[Any], Awaitable[Any]] | None = None,
+    after_store: Callable[[Any, Sequence[NewOp]], Awaitable[Any]] | None = None,
 ) -> int:
-    """Store ``items`` (accepted ops, in the order they were applied), ``divergences`` and the
-    upstream's cursor in one transaction: all or nothing. Ops already stored are skipped (see
-    the module doc). Returns the number of ops inserted."""
+    """Store ``items`` (accepted ops, in the order they were applied: ``(Accepted, seq,
+    first_seen_ms)`` tuples or ``NewOp``s), ``divergences`` and the upstream's cursor in one
+    transaction: all or nothing. ``in_transaction(conn)``, when given, runs first inside the
+    same transaction (a leadership fence, say: if it raises, nothing is stored);
+    ``after_store(conn, ops)`` runs in it after the ops are inserted. Ops already
+    stored are skipped (see the module doc). Returns the number of ops inserted."""
     if now_ms is None:
         now_ms = int(time.time() * 1000)
+    ops = [i if isinstance(i, NewOp) else new_op(*i) for i in items]
     async with conn.transaction():
+        if in_transaction is not None:
+            await in_transaction(conn)
         inserted = 0
-        if items:
-            inserted = await _store(conn, items)
+        if ops:
+            inserted = await _store(conn, ops)
+            if after_store is not None:
+                await after_store(conn, ops)
         if divergences:
             await conn.copy_records_to_table(
                 "plc_divergence",
@@ -413,15 +448,11 @@ async def commit(
     return inserted
 
 
-async def _store(conn: Any, items: Sequence[tuple[Accepted, int | None, int]]) -> int:
-    dids = list(dict.fromkeys(acc.did for acc, _, _ in items))
+async def _store(conn: Any, ops: Sequence[NewOp]) -> int:
+    dids = list(dict.fromkeys(o.did for o in ops))
     keys = [did_bytes(d) for d in dids]
     if None in keys:
         raise ValueError(f"not a did:plc: {dids[keys.index(None)]!r}")
-    digests = [cid_digest(acc.cid) for acc, _, _ in items]
-    for acc, d in zip((i[0] for i in items), digests):
-        if d is None:
-            raise ValueError(f"not a dag-cbor sha2-256 CID: {acc.cid!r}")
     ids: dict[str, int] = {}
     next_pos: dict[str, int] = {}
     present: set[tuple[str, bytes]] = set()
@@ -439,21 +470,17 @@ async def _store(conn: Any, items: Sequence[tuple[Accepted, int | None, int]]) -
     records = []
     seen: set[tuple[str, bytes]] = set()
     nullify: dict[tuple[int, bytes], None] = {}
-    for (acc, seq, first_seen), digest in zip(items, digests):
-        did_id = ids[acc.did]
-        for e in acc.nullified:
-            nd = cid_digest(e.cid)
-            if nd is not None:
-                nullify[(did_id, nd)] = None
-        key = (acc.did, digest)
+    for o in ops:
+        did_id = ids[o.did]
+        for nd in o.nullifies:
+            nullify[(did_id, nd)] = None
+        key = (o.did, o.digest)
         if key in present or key in seen:
             continue
         seen.add(key)
-        pos = next_pos[acc.did]
-        next_pos[acc.did] = pos + 1
-        records.append(
-            (acc.created_at, seq, first_seen, did_id, pos, acc.signer, False, digest, stored_op(acc.op, digest))
-        )
+        pos = next_pos[o.did]
+        next_pos[o.did] = pos + 1
+        records.append((o.created_at, o.seq, o.first_seen, did_id, pos, o.signer, False, o.digest, o.op))
     if records:
         await conn.copy_records_to_table("plc_op", records=records, columns=OP_COLUMNS)
     if nullify:
@@ -504,6 +531,7 @@ __all__ = [
     "AFFIXES",
     "Cursor",
     "Divergence",
+    "NewOp",
     "WORDS",
     "cid_digest",
     "cid_text",
@@ -514,6 +542,8 @@ __all__ = [
     "export_rows",
     "get_cursor",
     "load_did",
+    "load_dids",
+    "new_op",
     "pack_op",
     "stored_op",
     "unpack_op",

@@ -23,6 +23,16 @@ Per record, in upstream order:
   The high-water createdAt is kept in the cursor row (`plc_cursor.created_at`) so it survives
   restarts.
 
+Pipeline and cores: `run` validates the next group of batches while it commits the previous
+one; with `workers=N` (and `connect_kwargs`) validation runs in N processes
+(`validation.ValidatorPool`, records sharded by DID so a DID's ops stay in order) and the ops
+arrive already packed, so this process only fetches, orders and commits.
+Hooks: `fence(conn)` runs inside every commit transaction before anything is written (the
+ingest leader's proof of leadership: if it raises, the batch is not stored); `on_commit(dids)`
+is called after each commit with the DIDs that got new ops (caches to drop). Ops forwarded
+through this mirror and waiting as "pending upstream" (`plc.store.pending`) are reconciled in
+the transaction that stores them.
+
 Counters for metrics are plain attributes: `accepted`, `stored`, `skipped_duplicates`,
 `rejected` (reason → count), `divergences` (kind → count), `batches`, `cursor`.
 """
@@ -34,14 +44,14 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
 
-from ..core.chain import REPLAY, Accepted, DidLog, check_op
-from ..core.errors import OpError, Reason
-from ..store import oplog
-from ..store.oplog import Cursor, Divergence
+from ..store import oplog, pending
+from ..store.oplog import Cursor, Divergence, NewOp
 from .upstream import Batch, MalformedLine, Upstream, UpstreamRecord
+from .validation import CONFLICT as _CONFLICT_OUTCOME
+from .validation import OK, SKIP, Outcome, Validator, ValidatorPool
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +61,7 @@ SEQ_REGRESSION = "seq_regression"
 CONFLICT = "conflict"
 
 DEFAULT_BACKDATE_TOLERANCE_MS = 10 * 60 * 1000
-DEFAULT_CACHE_DIDS = 50_000
+DEFAULT_CACHE_DIDS = 100_000
 _QUEUE_BATCHES = 4  # upstream batches fetched ahead of the one being stored
 
 
@@ -69,30 +79,20 @@ def _opt_text(value: Any) -> str | None:
     return None if value is None else _text(value)
 
 
-class _DidCache:
-    """did → DidLog | None (None: no stored op), least recently used dropped first.
+async def _reconcile_pending(conn: Any, ops: list[NewOp]) -> None:
+    """Forwarded ops now stored are no longer pending (same transaction as the store)."""
+    await pending.reconcile(conn, [(o.did, oplog.cid_text(o.digest)) for o in ops])
 
-    Only the ingestor writes, so a cached entry stays true as long as every change made to it
-    is committed; `clear()` is called whenever a batch is not committed."""
 
-    def __init__(self, size: int):
-        self.size = size
-        self._data: collections.OrderedDict[str, DidLog | None] = collections.OrderedDict()
+class _Group(NamedTuple):
+    """Batches taken together: what the global-order pass found, waiting for validation."""
 
-    def get(self, did: str) -> tuple[bool, DidLog | None]:
-        if did in self._data:
-            self._data.move_to_end(did)
-            return True, self._data[did]
-        return False, None
-
-    def put(self, did: str, value: DidLog | None) -> None:
-        self._data[did] = value
-        self._data.move_to_end(did)
-        while len(self._data) > self.size:
-            self._data.popitem(last=False)
-
-    def clear(self) -> None:
-        self._data.clear()
+    batches: list[Batch]
+    records: list[UpstreamRecord]  # the records to validate, in upstream order
+    divergences: list[Divergence]  # malformed lines, seq regressions, backdating
+    rejected: collections.Counter[str]
+    last_seq: int | None
+    high: int | None
 
 
 class Ingestor:
@@ -108,16 +108,28 @@ class Ingestor:
         batch_max: int = 1000,
         backdate_tolerance_ms: int = DEFAULT_BACKDATE_TOLERANCE_MS,
         cache_dids: int = DEFAULT_CACHE_DIDS,
+        workers: int = 0,
+        connect_kwargs: dict[str, Any] | None = None,
+        fence: Callable[[Any], Awaitable[Any]] | None = None,
+        on_commit: Callable[[set[str]], Any] | None = None,
     ):
         if batch_max < 1:
             raise ValueError("batch_max must be >= 1")
+        if workers and connect_kwargs is None:
+            raise ValueError("validation workers need connect_kwargs")
         self.conn = conn
         self.upstream = upstream
         self.upstream_name = upstream_name
         self.clock = clock
         self.batch_max = batch_max
         self.backdate_tolerance_ms = backdate_tolerance_ms
-        self._cache = _DidCache(cache_dids)
+        self.workers = workers
+        self.connect_kwargs = connect_kwargs
+        self.fence = fence
+        self.on_commit = on_commit
+        self._cache_dids = cache_dids
+        self._validator = Validator(cache_dids)
+        self._pool: ValidatorPool | None = None
         # metrics
         self.batches = 0
         self.accepted = 0
@@ -128,25 +140,33 @@ class Ingestor:
         # position
         self.cursor: int | None = None  # last committed seq
         self.high_created_ms: int | None = None  # newest createdAt committed
+        self._planned_seq: int | None = None  # the same, counting groups not yet committed
+        self._planned_high: int | None = None
 
     # ---- the loop ----
 
     async def run(self, stop: asyncio.Event | None = None, max_batches: int | None = None) -> int:
         """Ingest until `stop` is set or `max_batches` commits are done; returns commits made.
 
-        The batch in flight when `stop` is set is finished (committed) first; batches fetched
-        ahead and not yet stored are dropped (the cursor did not move past them)."""
+        While one group of batches is committed, the next is validated (in the worker
+        processes when `workers` > 0). The group in flight when `stop` is set is finished
+        (committed) first; batches fetched ahead and not yet taken are dropped (the cursor did
+        not move past them). On any failure the cached DID states are dropped (they may hold
+        ops that were never committed) and the error propagates."""
         stop = stop or asyncio.Event()
-        stored = await oplog.get_cursor(self.conn, self.upstream_name)
-        self.cursor = stored.seq if stored is not None and stored.seq is not None else 0
-        self.high_created_ms = stored.created_at if stored is not None else None
-        self._cache.clear()
+        await self._resume()
         queue: asyncio.Queue[Batch] = asyncio.Queue(_QUEUE_BATCHES)
-        producer = asyncio.create_task(self._produce(self.cursor, queue))
+        producer = asyncio.create_task(self._produce(self.cursor or 0, queue))
         stopper = asyncio.create_task(stop.wait())
         done_batches = 0
+        in_flight: tuple[_Group, list[Outcome]] | None = None
         try:
             while not stop.is_set() and (max_batches is None or done_batches < max_batches):
+                if in_flight is not None and queue.empty():  # nothing to overlap with: commit now
+                    await self._commit(*in_flight)
+                    in_flight = None
+                    done_batches += 1
+                    continue
                 getter = asyncio.create_task(queue.get())
                 await asyncio.wait({getter, producer, stopper}, return_when=asyncio.FIRST_COMPLETED)
                 if not getter.done():
@@ -163,14 +183,50 @@ class Ingestor:
                     nxt = queue.get_nowait()
                     batches.append(nxt)
                     count += len(nxt.records)
-                await self.ingest(batches)
+                group = self._plan(batches)
+                if not self.workers and in_flight is not None:  # one connection: no overlap
+                    await self._commit(*in_flight)
+                    in_flight = None
+                    done_batches += 1
+                validating = asyncio.create_task(self._validate(group.records))
+                try:
+                    if in_flight is not None:
+                        await self._commit(*in_flight)  # while the workers validate `group`
+                        done_batches += 1
+                finally:
+                    outcomes = await validating
+                in_flight = (group, outcomes)
+            if in_flight is not None:
+                await self._commit(*in_flight)
                 done_batches += 1
             return done_batches
+        except BaseException:
+            self._forget()
+            raise
         finally:
             stopper.cancel()
             producer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await producer
+            self.close()
+
+    async def _resume(self) -> None:
+        stored = await oplog.get_cursor(self.conn, self.upstream_name)
+        self.cursor = stored.seq if stored is not None and stored.seq is not None else 0
+        self.high_created_ms = stored.created_at if stored is not None else None
+        self._planned_seq, self._planned_high = self.cursor, self.high_created_ms
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop every cached DID state (the worker processes too)."""
+        self._validator.clear()
+        self.close()
+
+    def close(self) -> None:
+        """Stop the validation workers (started again when needed)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     async def _produce(self, cursor: int, queue: asyncio.Queue[Batch]) -> None:
         agen = self.upstream.follow(cursor)
@@ -178,115 +234,109 @@ class Ingestor:
             async for batch in agen:
                 await queue.put(batch)
 
-    # ---- one commit ----
+    # ---- one group of batches ----
 
     async def ingest(self, batches: list[Batch]) -> int:
         """Validate the records of `batches` (in order) and commit them with the last batch's
         cursor in one transaction; returns the number of ops inserted."""
-        items: list[tuple[Accepted, int | None, int]] = []
-        divergences: list[Divergence] = []
-        counts = _Counts()
-        last_seq = self.cursor or 0
-        high = self.high_created_ms
-        batch_logs: dict[str, DidLog | None] = {}
+        if self._planned_seq is None:
+            self._planned_seq, self._planned_high = self.cursor, self.high_created_ms
+        group = self._plan(batches)
         try:
-            # the state of every DID the cache does not hold, in one query
-            missing = {
-                rec.did
-                for batch in batches
-                for rec in batch.records
-                if isinstance(rec, UpstreamRecord) and not self._cache.get(rec.did)[0]
-            }
-            if missing:
-                batch_logs.update(await oplog.load_dids(self.conn, list(missing)))
-            for batch in batches:
-                for rec in batch.records:
-                    if isinstance(rec, MalformedLine):
-                        if rec.seq is not None:
-                            last_seq = max(last_seq, rec.seq)
-                        divergences.append(
-                            Divergence(REJECTED, None, None, rec.seq, _text(f"malformed:{rec.reason}"),
-                                       _text(rec.reason), rec.raw)
-                        )
-                        counts.reject("malformed")
-                        continue
-                    if rec.seq is not None:
-                        if rec.seq <= last_seq:
-                            divergences.append(self._divergence(
-                                SEQ_REGRESSION, rec, None, f"seq {rec.seq} is not after {last_seq}"
-                            ))
-                            continue
-                        last_seq = rec.seq
-                    if high is not None and rec.created_ms < high - self.backdate_tolerance_ms:
-                        divergences.append(self._divergence(
-                            BACKDATED, rec, None,
-                            f"createdAt {rec.created_at} is {high - rec.created_ms} ms older than "
-                            "the newest ingested",
-                        ))
-                    dlog = await self._did_log(rec.did, batch_logs)
-                    try:
-                        acc = check_op(dlog, rec.did, rec.operation, mode=REPLAY, created_at=rec.created_ms,
-                                       cid=rec.cid, raw=rec.raw)
-                    except OpError as err:
-                        if err.reason == Reason.DUPLICATE and dlog is not None:
-                            stored = next((e for e in dlog.entries if e.cid == rec.cid), None)
-                            if stored is not None and stored.created_at == rec.created_ms:
-                                counts.skipped += 1
-                                continue
-                            other = "?" if stored is None else stored.created_at
-                            divergences.append(self._divergence(
-                                CONFLICT, rec, err.reason,
-                                f"op already stored with createdAt {other}, "
-                                f"upstream now says {rec.created_ms}",
-                            ))
-                            continue
-                        divergences.append(self._divergence(REJECTED, rec, err.reason, err.detail))
-                        counts.reject(err.reason)
-                        continue
-                    except Exception as exc:  # noqa: BLE001 - a core bug must not stop the mirror
-                        log.exception("core failed on %s %s", rec.did, rec.cid)
-                        reason = f"error:{type(exc).__name__}"
-                        detail = f"{type(exc).__name__}: {exc}"
-                        divergences.append(self._divergence(REJECTED, rec, reason, detail))
-                        counts.reject(reason)
-                        continue
-                    if dlog is None:
-                        dlog = DidLog(rec.did)
-                        batch_logs[rec.did] = dlog
-                    dlog.apply(acc)
-                    items.append((acc, rec.seq, self.clock()))
-                    if high is None or rec.created_ms > high:
-                        high = rec.created_ms
-            next_cursor = batches[-1].next_cursor if batches else None
-            cursor_seq = next_cursor if isinstance(next_cursor, int) else None
-            cursor = Cursor(cursor_seq, high) if (cursor_seq is not None or high is not None) else None
-            inserted = await oplog.commit(
-                self.conn, self.upstream_name, items, cursor, now_ms=self.clock(), divergences=divergences
-            )
+            outcomes = await self._validate(group.records)
+            return await self._commit(group, outcomes)
         except BaseException:
-            self._cache.clear()  # cached logs may hold ops that were not committed
+            self._forget()
+            self._planned_seq, self._planned_high = self.cursor, self.high_created_ms
             raise
-        for did, dlog in batch_logs.items():
-            self._cache.put(did, dlog)
+
+    def _plan(self, batches: list[Batch]) -> _Group:
+        """The checks that need upstream order across DIDs: malformed lines, seq regressions,
+        backdating. Returns the records left to validate."""
+        records: list[UpstreamRecord] = []
+        divergences: list[Divergence] = []
+        rejected: collections.Counter[str] = collections.Counter()
+        last_seq = self._planned_seq or 0
+        high = self._planned_high
+        for batch in batches:
+            for rec in batch.records:
+                if isinstance(rec, MalformedLine):
+                    if rec.seq is not None:
+                        last_seq = max(last_seq, rec.seq)
+                    divergences.append(
+                        Divergence(REJECTED, None, None, rec.seq, _text(f"malformed:{rec.reason}"),
+                                   _text(rec.reason), rec.raw)
+                    )
+                    rejected["malformed"] += 1
+                    continue
+                if rec.seq is not None:
+                    if rec.seq <= last_seq:
+                        divergences.append(self._divergence(
+                            SEQ_REGRESSION, rec, None, f"seq {rec.seq} is not after {last_seq}"
+                        ))
+                        continue
+                    last_seq = rec.seq
+                if high is not None and rec.created_ms < high - self.backdate_tolerance_ms:
+                    divergences.append(self._divergence(
+                        BACKDATED, rec, None,
+                        f"createdAt {rec.created_at} is {high - rec.created_ms} ms older than "
+                        "the newest ingested",
+                    ))
+                records.append(rec)
+                if high is None or rec.created_ms > high:
+                    high = rec.created_ms
+        self._planned_seq, self._planned_high = last_seq, high
+        return _Group(batches, records, divergences, rejected, last_seq, high)
+
+    async def _validate(self, records: list[UpstreamRecord]) -> list[Outcome]:
+        if not records:
+            return []
+        if self.workers:
+            if self._pool is None:
+                assert self.connect_kwargs is not None
+                self._pool = ValidatorPool(self.workers, self.connect_kwargs, self._cache_dids)
+            return await self._pool.validate(records)
+        need = self._validator.missing(records)
+        loaded = await oplog.load_dids(self.conn, need) if need else {}
+        return self._validator.validate(records, loaded)
+
+    async def _commit(self, group: _Group, outcomes: list[Outcome]) -> int:
+        ops: list[NewOp] = []
+        divergences = list(group.divergences)
+        rejected = collections.Counter(group.rejected)
+        skipped = 0
+        first_seen = self.clock()
+        for rec, out in zip(group.records, outcomes):
+            kind = out[0]
+            if kind == OK:
+                _, signer, nullifies, digest, op_bytes = out
+                ops.append(NewOp(rec.did, digest, rec.created_ms, rec.seq, first_seen, signer, nullifies, op_bytes))
+            elif kind == SKIP:
+                skipped += 1
+            elif kind == _CONFLICT_OUTCOME:
+                divergences.append(self._divergence(CONFLICT, rec, out[1], out[2]))
+            else:
+                divergences.append(self._divergence(REJECTED, rec, out[1], out[2]))
+                rejected[out[1]] += 1
+        next_cursor = group.batches[-1].next_cursor if group.batches else None
+        cursor_seq = next_cursor if isinstance(next_cursor, int) else None
+        cursor = Cursor(cursor_seq, group.high) if (cursor_seq is not None or group.high is not None) else None
+        inserted = await oplog.commit(
+            self.conn, self.upstream_name, ops, cursor, now_ms=self.clock(), divergences=divergences,
+            in_transaction=self.fence, after_store=_reconcile_pending,
+        )
         self.batches += 1
-        self.accepted += len(items)
+        self.accepted += len(ops)
         self.stored += inserted
-        self.skipped_duplicates += counts.skipped
-        self.rejected.update(counts.rejected)
+        self.skipped_duplicates += skipped
+        self.rejected.update(rejected)
         self.divergences.update(d.kind for d in divergences)
         if cursor_seq is not None:
             self.cursor = cursor_seq
-        self.high_created_ms = high
+        self.high_created_ms = group.high
+        if self.on_commit is not None:
+            self.on_commit({o.did for o in ops})
         return inserted
-
-    async def _did_log(self, did: str, batch_logs: dict[str, DidLog | None]) -> DidLog | None:
-        if did in batch_logs:
-            return batch_logs[did]
-        hit, value = self._cache.get(did)
-        if not hit:
-            value = await oplog.load_did(self.conn, did)
-        batch_logs[did] = value
-        return value
 
     @staticmethod
     def _divergence(kind: str, rec: UpstreamRecord, reason: str | None, detail: str) -> Divergence:
@@ -306,17 +356,6 @@ class Ingestor:
             "cursor": self.cursor,
             "high_created_ms": self.high_created_ms,
         }
-
-
-class _Counts:
-    """A batch's counters, added to the ingestor's only once the batch is committed."""
-
-    def __init__(self) -> None:
-        self.skipped = 0
-        self.rejected: collections.Counter[str] = collections.Counter()
-
-    def reject(self, reason: str) -> None:
-        self.rejected[reason] += 1
 
 
 __all__ = ["BACKDATED", "CONFLICT", "REJECTED", "SEQ_REGRESSION", "Ingestor"]

@@ -30,6 +30,7 @@ def register(sub: Any) -> None:
     settings.add_argument(p, settings.DATABASE_URL)
     settings.add_argument(p, settings.DATA_DIR)
     settings.add_argument(p, settings.UPSTREAM)
+    settings.add_argument(p, settings.INGEST_WORKERS)
     p.set_defaults(func=run)
 
 
@@ -64,7 +65,8 @@ async def _run(args: argparse.Namespace) -> int:
                     f"the database schema is not up to date (pending: {names}); run `plc migrate` first"
                 )
             async with Upstream(base) as up:
-                ing = Ingestor(conn, up, upstream_name=base)
+                ing = Ingestor(conn, up, upstream_name=base, workers=args.ingest_workers,
+                               connect_kwargs=kwargs)
                 _say(f"plc sync: following {base}")
                 await run_with_progress(ing, stop, _say, "plc sync", PROGRESS_EVERY_S)
                 _say(f"plc sync: stopped at cursor {ing.cursor} ({ing.accepted} ops accepted this run)")

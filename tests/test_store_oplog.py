@@ -251,11 +251,12 @@ async def test_recommitting_a_batch_stores_nothing_twice(pg_dsn):
         rows = await conn.fetch("SELECT pos, nullified FROM plc_op ORDER BY pos")
         assert [tuple(r) for r in rows] == [(0, False), (1, True), (2, False), (3, False)]
         assert await conn.fetchval("SELECT count(*) FROM plc_did") == 1
-        # the schema itself refuses a second copy of an op
+        # the schema refuses a second op at a position already taken (what a concurrent writer
+        # on the same DID would try: it computes the same next position)
         with pytest.raises(asyncpg.UniqueViolationError):
             await conn.execute(
                 "INSERT INTO plc_op (did_id, created_at, first_seen_at, pos, signer, cid, op)"
-                " SELECT did_id, created_at, first_seen_at, 99, signer, cid, op FROM plc_op WHERE pos = 0"
+                " SELECT did_id, created_at, first_seen_at, 3, signer, cid, op FROM plc_op WHERE pos = 0"
             )
     finally:
         await conn.close()

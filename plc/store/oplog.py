@@ -21,12 +21,13 @@ API
 - ``export_rows(conn, after, count) -> list[render.OpRow]``: ops with seq > ``after`` in seq
   order, at most ``count``.
 
-Duplicates: the schema makes a second (did, cid) impossible (the primary key of plc_op is
-(did_id, cid)). ``commit`` first looks up which of the batch's ops are already stored and SKIPS
-them (a batch replayed after a crash stores nothing twice and gets no positions wrong); the
-nullified flags a skipped op implies are still (idempotently) set. A conflict that appears
-anyway (a concurrent writer on the same DID) raises asyncpg.UniqueViolationError and the whole
-batch, cursor included, is rolled back. One writer per DID is the caller's job.
+Duplicates: ``commit`` first looks up, inside its transaction, which of the batch's ops each
+DID already holds and SKIPS them (a batch replayed after a crash stores nothing twice and gets
+no positions wrong); the nullified flags a skipped op implies are still (idempotently) set. The
+primary key of plc_op is (did_id, pos) (migration 0005: far smaller than one on the CID), so a
+concurrent writer on the same DID, which must compute the same next position, raises
+asyncpg.UniqueViolationError and its whole batch, cursor included, is rolled back. One writer
+per DID is the caller's job (plc.sync.leader fences it).
 
 Stored op form (``op`` column): DAG-CBOR of a packed value that ``unpack_op`` turns back into
 exactly the op received (``dag_cbor(unpack_op(pack_op(op))) == dag_cbor(op)``, so its CID and

@@ -3,15 +3,18 @@
 What runs (terraform 1.11 is on PATH in CI; no provider registry is reachable):
 - ``terraform fmt -check -recursive terraform/``;
 - modules/layout: ``terraform init -backend=false`` and ``terraform test`` (its tests/*.tftest.hcl),
-  plus a check that every variable validation rule has an ``expect_failures`` run;
+  plus a check that every variable validation rule has an ``expect_failures`` run, and an apply of
+  a tiny root that proves the load balancer health check is what ha/health.json says (and follows
+  it when the file changes);
 - local: ``terraform init`` and ``terraform validate``, and an apply/destroy in which the
   (not yet written) Ansible commands are replaced by shell commands that record what they were given;
 - hcloud: a static check of the .tf text only (required resources, typed and described variables,
   pinned provider, outputs, wiring to modules/layout). It is never init'ed, validated or planned:
   the hcloud provider cannot be downloaded here.
 
-Terraform runs in a temporary copy of terraform/ with its own TF_DATA_DIR, so the repository gets
-no .terraform directory, state or lock file.
+Terraform runs in a temporary copy of terraform/ (next to a copy of ha/health.json, which the layout
+module reads at ../../../ha/health.json) with its own TF_DATA_DIR, so the repository gets no
+.terraform directory, state or lock file.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ TF_DIR = REPO / "terraform"
 LAYOUT = TF_DIR / "modules" / "layout"
 HCLOUD = TF_DIR / "hcloud"
 LOCAL = TF_DIR / "local"
+HEALTH_JSON = REPO / "ha" / "health.json"
 TERRAFORM = shutil.which("terraform")
 TF_TIMEOUT = 180  # seconds for any one terraform command (each takes well under a second here)
 
@@ -61,13 +65,16 @@ def tf_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def tf_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of terraform/ (relative module sources keep working) without any local state."""
+    """A copy of terraform/ (relative module sources keep working) without any local state, with
+    ha/health.json at the same place relative to it as in the repository."""
     dest = tmp_path_factory.mktemp("tfcopy") / "terraform"
     shutil.copytree(
         TF_DIR,
         dest,
         ignore=shutil.ignore_patterns(".terraform", "*.tfstate*", ".terraform.lock.hcl", ".generated"),
     )
+    (dest.parent / "ha").mkdir()
+    shutil.copy2(HEALTH_JSON, dest.parent / "ha" / "health.json")
     return dest
 
 
@@ -264,6 +271,65 @@ def test_layout_variables_and_outputs_are_typed_and_described() -> None:
         assert re.search(r"(?m)^\s*description\s*=", body), name
     for name, body in blocks((LAYOUT / "outputs.tf").read_text(), "output").items():
         assert re.search(r"(?m)^\s*description\s*=", body), name
+
+
+def expected_health_check(health: dict) -> dict:
+    """The cloud load balancer check that ha/health.json defines: mirror_ready's port, path and
+    expect_status with the timings of its cloud_lb object."""
+    ready = health["checks"]["mirror_ready"]
+    return {
+        "protocol": "http",
+        "port": ready["port"],
+        "path": ready["path"],
+        "interval": ready["cloud_lb"]["interval_s"],
+        "timeout": ready["cloud_lb"]["timeout_s"],
+        "retries": ready["cloud_lb"]["retries"],
+        "status_codes": [str(ready["expect_status"])],
+    }
+
+
+def changed_health(health: dict) -> dict:
+    """health.json with every value the cloud load balancer uses changed."""
+    doc = json.loads(json.dumps(health))
+    ready = doc["checks"]["mirror_ready"]
+    ready.update(port=ready["port"] + 1000, path=ready["path"] + "-changed", expect_status=204)
+    lb = ready["cloud_lb"]
+    lb.update(interval_s=lb["interval_s"] + 7, timeout_s=lb["timeout_s"] + 1, retries=lb["retries"] + 2)
+    return doc
+
+
+@pytest.mark.parametrize("variant", ["repository", "changed"])
+def test_layout_health_check_is_ha_health_json(variant: str, tf_env: dict[str, str], tmp_path: Path) -> None:
+    """A root that calls modules/layout with no health-check inputs gets ha/health.json's check;
+    with health.json changed in place (same relative path), the check changes with it."""
+    health = json.loads(HEALTH_JSON.read_text())
+    if variant == "changed":
+        health = changed_health(health)
+        assert expected_health_check(health) != expected_health_check(json.loads(HEALTH_JSON.read_text()))
+    shutil.copytree(LAYOUT, tmp_path / "terraform" / "modules" / "layout",
+                    ignore=shutil.ignore_patterns(".terraform", "*.tfstate*", ".terraform.lock.hcl"))  # fmt: skip
+    (tmp_path / "ha").mkdir()
+    (tmp_path / "ha" / "health.json").write_text(json.dumps(health, indent=2))
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "main.tf").write_text(
+        'module "layout" {\n'
+        '  source      = "../terraform/modules/layout"\n'
+        '  admin_cidrs = ["203.0.113.7/32"]\n'
+        "}\n\n"
+        'output "health_check" {\n  value = module.layout.health_check\n}\n\n'
+        'output "mirror_port" {\n  value = module.layout.mirror_port\n}\n'
+    )
+    data = tmp_path / "data"
+    init = terraform(["init", "-input=false"], root, tf_env, data)
+    assert init.returncode == 0, explain(init)
+    apply = terraform(["apply", "-auto-approve", "-input=false"], root, tf_env, data)
+    assert apply.returncode == 0, explain(apply)
+    out = terraform(["output", "-json"], root, tf_env, data)
+    assert out.returncode == 0, explain(out)
+    outputs = json.loads(out.stdout)
+    assert outputs["health_check"]["value"] == expected_health_check(health)
+    assert outputs["mirror_port"]["value"] == health["checks"]["mirror_ready"]["port"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ module "layout" {
   subnet_cidr           = var.subnet_cidr
   admin_cidrs           = var.admin_cidrs
   public_cidrs          = var.public_cidrs
+  health_file           = var.health_file # this and the five below: null = from ha/health.json
   mirror_port           = var.mirror_port
   health_check_path     = var.health_check_path
   health_check_interval = var.health_check_interval

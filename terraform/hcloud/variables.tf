@@ -124,34 +124,40 @@ variable "certificate_ids" {
   default     = []
 }
 
+variable "health_file" {
+  description = "Path of ha/health.json, which defines the load balancer's health check (checks.mirror_ready, with the cloud LB's timings in its cloud_lb). Null (the default): the repository's ha/health.json, found relative to modules/layout. Set it when this directory is vendored outside the repository."
+  type        = string
+  default     = null
+}
+
 variable "mirror_port" {
-  description = "Port `plc serve` listens on (PLC_PORT); the load balancer's destination and health-check port."
+  description = "Port `plc serve` listens on (PLC_PORT); the load balancer's destination and health-check port. Null (the default): mirror_ready.port of ha/health.json (2582)."
   type        = number
-  default     = 2582
+  default     = null
 }
 
 variable "health_check_path" {
-  description = "Path of the load balancer's HTTP health check: the mirror's readiness endpoint, 200 when the database answers and the ingest lag is within bound, else 503."
+  description = "Path of the load balancer's HTTP health check. Null (the default): mirror_ready.path of ha/health.json (/-/ready, the mirror's readiness endpoint: 200 when the database answers and the ingest lag is within bound, else 503)."
   type        = string
-  default     = "/-/ready"
+  default     = null
 }
 
 variable "health_check_interval" {
-  description = "Seconds between health checks (must exceed health_check_timeout)."
+  description = "Seconds between health checks (must exceed the timeout). Null (the default): mirror_ready.cloud_lb.interval_s of ha/health.json (10)."
   type        = number
-  default     = 10
+  default     = null
 }
 
 variable "health_check_timeout" {
-  description = "Seconds one health check may take; at least 3, since /-/ready may wait 2 s on the database."
+  description = "Seconds one health check may take; at least 3, since /-/ready may wait 2 s on the database. Null (the default): mirror_ready.cloud_lb.timeout_s of ha/health.json (5)."
   type        = number
-  default     = 5
+  default     = null
 }
 
 variable "health_check_retries" {
-  description = "Failed checks in a row before a node is taken out of the load balancer."
+  description = "Failed checks in a row before a node is taken out of the load balancer. Null (the default): mirror_ready.cloud_lb.retries of ha/health.json (3)."
   type        = number
-  default     = 3
+  default     = null
 }
 
 ################################################################################

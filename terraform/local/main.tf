@@ -22,6 +22,8 @@ module "layout" {
   network_cidr   = var.subnet_cidr
   subnet_cidr    = var.subnet_cidr
   admin_cidrs    = var.admin_cidrs
+  # mirror_port and the health check are left null: they come from ha/health.json,
+  # as the HAProxy config that plc/cluster/render.py renders does.
   # The controller reaches test hosts on their private addresses.
   public_ips = { for name, h in module.layout.hosts : name => h.private_ip }
 }

@@ -58,16 +58,23 @@ locals {
   )
 
   # ---------------------------------------------------------------------------
-  # Health check of the cloud load balancer (the mirror's readiness endpoint).
+  # Health check of the cloud load balancer: ha/health.json's mirror_ready check
+  # (the mirror's readiness endpoint) with the cloud LB's own timings from its
+  # cloud_lb object. A variable that is not null overrides one value.
   # ---------------------------------------------------------------------------
+  health_file  = var.health_file != null ? var.health_file : "${path.module}/../../../ha/health.json"
+  health       = jsondecode(file(local.health_file))
+  mirror_ready = local.health.checks.mirror_ready
+  mirror_port  = var.mirror_port != null ? var.mirror_port : local.mirror_ready.port
+
   health_check = {
-    protocol     = "http"
-    port         = var.mirror_port
-    path         = var.health_check_path
-    interval     = var.health_check_interval
-    timeout      = var.health_check_timeout
-    retries      = var.health_check_retries
-    status_codes = ["200"] # /-/ready answers 200 when ready and 503 otherwise
+    protocol     = "http" # every check in health.json is plain HTTP GET
+    port         = local.mirror_port
+    path         = var.health_check_path != null ? var.health_check_path : local.mirror_ready.path
+    interval     = var.health_check_interval != null ? var.health_check_interval : local.mirror_ready.cloud_lb.interval_s
+    timeout      = var.health_check_timeout != null ? var.health_check_timeout : local.mirror_ready.cloud_lb.timeout_s
+    retries      = var.health_check_retries != null ? var.health_check_retries : local.mirror_ready.cloud_lb.retries
+    status_codes = [tostring(local.mirror_ready.expect_status)]
   }
 
   # ---------------------------------------------------------------------------
@@ -146,7 +153,7 @@ locals {
       name        = "plc-mirror"
       description = "plc mirror HTTP (load balancer traffic and health checks) inside the private network"
       protocol    = "tcp"
-      port        = tostring(var.mirror_port)
+      port        = tostring(local.mirror_port)
       source_ips  = [var.subnet_cidr]
       network     = "private"
       roles       = ["node"]
@@ -186,8 +193,8 @@ locals {
     groups = local.inventory_groups
     vars = {
       ansible_python_interpreter = var.ansible_python_interpreter
-      plc_mirror_port            = var.mirror_port
-      plc_health_check_path      = var.health_check_path
+      plc_mirror_port            = local.mirror_port
+      plc_health_check_path      = local.health_check.path
       private_network_cidr       = var.subnet_cidr
       etcd_client_port           = local.etcd_client_port
       etcd_peer_port             = local.etcd_peer_port

@@ -39,13 +39,32 @@ output "load_balancer_location" {
 }
 
 output "mirror_port" {
-  description = "Port of the plc mirror on every node; the load balancer's destination port."
-  value       = var.mirror_port
+  description = "Port of the plc mirror on every node; the load balancer's destination port (mirror_port, or checks.mirror_ready.port of health_file)."
+  value       = local.mirror_port
 }
 
 output "health_check" {
-  description = "Load balancer health check: protocol (http), port (mirror_port), path, interval, timeout, retries (seconds/count), status_codes ([\"200\"])."
+  description = "Load balancer health check, from health_file's checks.mirror_ready unless a variable overrides a value: protocol (http), port (the mirror port), path, interval, timeout, retries (from mirror_ready.cloud_lb; seconds/count), status_codes ([expect_status] as strings, [\"200\"])."
   value       = local.health_check
+
+  # The variables validate themselves; this checks the values health_file supplies.
+  precondition {
+    condition = (
+      floor(local.mirror_ready.port) == local.mirror_ready.port && local.mirror_ready.port >= 1 && local.mirror_ready.port <= 65535 &&
+      can(regex("^/[^\\s]*$", local.mirror_ready.path)) &&
+      floor(local.mirror_ready.expect_status) == local.mirror_ready.expect_status && local.mirror_ready.expect_status >= 100 && local.mirror_ready.expect_status <= 599 &&
+      floor(local.mirror_ready.cloud_lb.interval_s) == local.mirror_ready.cloud_lb.interval_s && local.mirror_ready.cloud_lb.interval_s >= 1 && local.mirror_ready.cloud_lb.interval_s <= 300 &&
+      floor(local.mirror_ready.cloud_lb.timeout_s) == local.mirror_ready.cloud_lb.timeout_s && local.mirror_ready.cloud_lb.timeout_s >= 3 &&
+      floor(local.mirror_ready.cloud_lb.retries) == local.mirror_ready.cloud_lb.retries && local.mirror_ready.cloud_lb.retries >= 1 && local.mirror_ready.cloud_lb.retries <= 10
+    )
+    error_message = "checks.mirror_ready in ${local.health_file} is out of range for the cloud load balancer: port 1-65535, path starting with / without whitespace, expect_status 100-599, and in cloud_lb whole seconds interval_s 1-300 and timeout_s at least 3 (/-/ready may take up to 2 s), retries 1-10."
+  }
+
+  # On the effective values (variables or health_file), which is why it is not a validation.
+  precondition {
+    condition     = local.health_check.timeout < local.health_check.interval
+    error_message = "The health check timeout (${local.health_check.timeout} s) must be shorter than its interval (${local.health_check.interval} s), so checks do not overlap: set health_check_timeout/health_check_interval, or mirror_ready.cloud_lb in ${local.health_file}."
+  }
 }
 
 output "firewall_rules" {

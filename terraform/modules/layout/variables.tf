@@ -196,70 +196,81 @@ variable "public_cidrs" {
 }
 
 ################################################################################
-# The mirror and the load balancer health check
+# The mirror and the load balancer health check (defaults: ha/health.json)
 ################################################################################
 
-variable "mirror_port" {
-  description = "TCP port `plc serve` listens on (PLC_PORT, default 2582). The load balancer forwards to it and health-checks it; it is open only inside the private network."
-  type        = number
-  default     = 2582
+variable "health_file" {
+  description = "Path of ha/health.json, the one definition of health checks; the load balancer check is its checks.mirror_ready (port, path, expect_status) with the cloud LB's own timings from checks.mirror_ready.cloud_lb (interval_s, timeout_s, retries). Null (the default): the repository's ha/health.json, found relative to this module (path.module/../../../ha/health.json). Set it when the module is vendored outside the repository; a relative path is taken from the directory Terraform runs in."
+  type        = string
+  default     = null
 
   validation {
-    condition     = floor(var.mirror_port) == var.mirror_port && var.mirror_port >= 1 && var.mirror_port <= 65535
+    # Only judged for an explicit path; the default file is read as is (a broken one fails in locals).
+    condition = var.health_file == null ? true : can([
+      for k in ["port", "path", "expect_status"] : jsondecode(file(var.health_file)).checks.mirror_ready[k]
+      ]) && can([
+      for k in ["interval_s", "timeout_s", "retries"] : jsondecode(file(var.health_file)).checks.mirror_ready.cloud_lb[k]
+    ])
+    error_message = "health_file must name a readable JSON file with checks.mirror_ready.port, .path, .expect_status and .cloud_lb.interval_s, .timeout_s, .retries (the shape of ha/health.json)."
+  }
+}
+
+variable "mirror_port" {
+  description = "TCP port `plc serve` listens on (PLC_PORT). The load balancer forwards to it and health-checks it; it is open only inside the private network. Null (the default): checks.mirror_ready.port of health_file (2582)."
+  type        = number
+  default     = null
+
+  validation {
+    condition     = var.mirror_port == null ? true : floor(var.mirror_port) == var.mirror_port && var.mirror_port >= 1 && var.mirror_port <= 65535
     error_message = "mirror_port must be a whole number from 1 to 65535."
   }
 
   validation {
-    condition     = !contains([22, 80, 443, 2379, 2380, 5432, 8008], var.mirror_port)
+    condition     = var.mirror_port == null ? true : !contains([22, 80, 443, 2379, 2380, 5432, 8008], var.mirror_port)
     error_message = "mirror_port must not be one of the ports already used on the hosts: 22, 80, 443, 2379, 2380, 5432, 8008."
   }
 }
 
 variable "health_check_path" {
-  description = "Path the load balancer probes with HTTP GET on mirror_port. /-/ready is the mirror's readiness endpoint: 200 only when its database answers `select 1` (within 2 s) and, on an ingesting node, the lag behind the upstream is within --ready-max-lag (300 s by default); otherwise 503. A node that is up but lagging or without a database is thus taken out of rotation."
+  description = "Path the load balancer probes with HTTP GET on mirror_port. Null (the default): checks.mirror_ready.path of health_file, /-/ready, the mirror's readiness endpoint (200 only when its database answers `select 1` within 2 s and, on an ingesting node, the lag behind the upstream is within --ready-max-lag; otherwise 503), so a node that is up but lagging or without a database is taken out of rotation."
   type        = string
-  default     = "/-/ready"
+  default     = null
 
   validation {
-    condition     = can(regex("^/[^\\s]*$", var.health_check_path))
+    condition     = var.health_check_path == null ? true : can(regex("^/[^\\s]*$", var.health_check_path))
     error_message = "health_check_path must start with / and contain no whitespace."
   }
 }
 
 variable "health_check_interval" {
-  description = "Seconds between two health checks of one target. With the defaults a node that stops being ready leaves the rotation after about interval x retries = 30 s, which is short next to the 300 s lag bound and the ~20-25 s a Patroni failover takes."
+  description = "Seconds between two health checks of one target. Null (the default): checks.mirror_ready.cloud_lb.interval_s of health_file (10; its cloud_lb_note says why)."
   type        = number
-  default     = 10
+  default     = null
 
   validation {
-    condition     = floor(var.health_check_interval) == var.health_check_interval && var.health_check_interval >= 1 && var.health_check_interval <= 300
+    condition     = var.health_check_interval == null ? true : floor(var.health_check_interval) == var.health_check_interval && var.health_check_interval >= 1 && var.health_check_interval <= 300
     error_message = "health_check_interval must be a whole number of seconds from 1 to 300."
   }
 }
 
 variable "health_check_timeout" {
-  description = "Seconds the load balancer waits for an answer to one check. At least 3 s: /-/ready itself may spend up to 2 s waiting for the database before it answers 503, and that answer should arrive rather than be cut off. Must be shorter than health_check_interval so checks do not overlap."
+  description = "Seconds the load balancer waits for an answer to one check. At least 3 (/-/ready may wait up to 2 s on the database before it answers 503), and the effective timeout must be shorter than the effective interval (checked on the health_check output). Null (the default): checks.mirror_ready.cloud_lb.timeout_s of health_file (5)."
   type        = number
-  default     = 5
+  default     = null
 
   validation {
-    condition     = floor(var.health_check_timeout) == var.health_check_timeout && var.health_check_timeout >= 3
+    condition     = var.health_check_timeout == null ? true : floor(var.health_check_timeout) == var.health_check_timeout && var.health_check_timeout >= 3
     error_message = "health_check_timeout must be a whole number of seconds, at least 3 (/-/ready may take up to 2 s to answer)."
-  }
-
-  validation {
-    condition     = var.health_check_timeout < var.health_check_interval
-    error_message = "health_check_timeout must be shorter than health_check_interval."
   }
 }
 
 variable "health_check_retries" {
-  description = "Failed checks in a row before the load balancer marks a target unhealthy. 3 rides out one slow answer (a checkpoint, a brief database stall) without flapping."
+  description = "Failed checks in a row before the load balancer marks a target unhealthy. Null (the default): checks.mirror_ready.cloud_lb.retries of health_file (3)."
   type        = number
-  default     = 3
+  default     = null
 
   validation {
-    condition     = floor(var.health_check_retries) == var.health_check_retries && var.health_check_retries >= 1 && var.health_check_retries <= 10
+    condition     = var.health_check_retries == null ? true : floor(var.health_check_retries) == var.health_check_retries && var.health_check_retries >= 1 && var.health_check_retries <= 10
     error_message = "health_check_retries must be a whole number from 1 to 10."
   }
 }

@@ -42,20 +42,58 @@ run "default_layout_three_nodes_three_locations" {
   }
 }
 
-run "health_check_probes_the_mirror_readiness_endpoint" {
+run "health_check_comes_from_health_json" {
   command = plan
+
+  # ha/health.json, read here on its own (relative to this module, where terraform test runs).
+  assert {
+    condition = output.health_check == {
+      protocol     = "http"
+      port         = jsondecode(file("../../../ha/health.json")).checks.mirror_ready.port
+      path         = jsondecode(file("../../../ha/health.json")).checks.mirror_ready.path
+      interval     = jsondecode(file("../../../ha/health.json")).checks.mirror_ready.cloud_lb.interval_s
+      timeout      = jsondecode(file("../../../ha/health.json")).checks.mirror_ready.cloud_lb.timeout_s
+      retries      = jsondecode(file("../../../ha/health.json")).checks.mirror_ready.cloud_lb.retries
+      status_codes = [tostring(jsondecode(file("../../../ha/health.json")).checks.mirror_ready.expect_status)]
+    }
+    error_message = "Default health check must be ha/health.json's mirror_ready (port, path, expect_status) with its cloud_lb interval/timeout/retries."
+  }
+  assert {
+    condition     = output.mirror_port == jsondecode(file("../../../ha/health.json")).checks.mirror_ready.port
+    error_message = "The default mirror port is mirror_ready.port of ha/health.json."
+  }
+  assert {
+    condition     = output.health_check.path == "/-/ready" && output.health_check.status_codes == ["200"]
+    error_message = "The cloud load balancer must probe the mirror's readiness endpoint and expect 200."
+  }
+}
+
+run "health_check_follows_health_file" {
+  command = plan
+
+  variables {
+    health_file = "tests/fixtures/health-other.json"
+  }
 
   assert {
     condition = output.health_check == {
       protocol     = "http"
-      port         = 2582
-      path         = "/-/ready"
-      interval     = 10
-      timeout      = 5
-      retries      = 3
-      status_codes = ["200"]
+      port         = 8181
+      path         = "/readyz"
+      interval     = 20
+      timeout      = 7
+      retries      = 4
+      status_codes = ["204"]
     }
-    error_message = "Default health check must be HTTP GET /-/ready on 2582, 10 s / 5 s / 3 retries, expecting 200."
+    error_message = "The health check must follow every value health_file gives (mirror_ready and its cloud_lb)."
+  }
+  assert {
+    condition     = output.mirror_port == 8181 && one([for r in output.firewall_rules : r.port if r.name == "plc-mirror"]) == "8181"
+    error_message = "The mirror port and its firewall rule must follow health_file."
+  }
+  assert {
+    condition     = yamldecode(output.ansible_inventory).all.vars.plc_mirror_port == 8181 && yamldecode(output.ansible_inventory).all.vars.plc_health_check_path == "/readyz"
+    error_message = "The inventory's mirror port and health-check path must follow health_file."
   }
 }
 

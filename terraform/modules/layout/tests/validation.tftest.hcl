@@ -381,25 +381,70 @@ run "health_check_timeout_below_probe" {
 
 run "health_check_timeout_not_below_interval" {
   command = plan
-  # rule: interval > timeout
+  # precondition on output.health_check: effective interval > effective timeout
 
   variables {
     health_check_interval = 10
     health_check_timeout  = 10
   }
 
-  expect_failures = [var.health_check_timeout]
+  expect_failures = [output.health_check]
 }
 
 run "health_check_interval_below_timeout" {
   command = plan
-  # rule: interval > timeout (timeout keeps its default of 5)
+  # precondition on output.health_check: interval > timeout (the timeout, 5, comes from ha/health.json)
 
   variables {
     health_check_interval = 4
   }
 
-  expect_failures = [var.health_check_timeout]
+  expect_failures = [output.health_check]
+}
+
+run "health_file_missing" {
+  command = plan
+  # rule: a readable JSON file of ha/health.json's shape
+
+  variables {
+    health_file = "tests/fixtures/no-such-file.json"
+  }
+
+  expect_failures = [var.health_file]
+}
+
+run "health_file_without_cloud_lb" {
+  command = plan
+  # rule: a readable JSON file of ha/health.json's shape (mirror_ready.cloud_lb is missing)
+
+  variables {
+    health_file = "tests/fixtures/health-no-cloud-lb.json"
+  }
+
+  expect_failures = [var.health_file]
+}
+
+run "health_file_timeout_below_probe" {
+  command = plan
+  # precondition on output.health_check: health_file's own values in range (cloud_lb.timeout_s 2)
+
+  variables {
+    health_file = "tests/fixtures/health-short-timeout.json"
+  }
+
+  expect_failures = [output.health_check]
+}
+
+run "health_file_timeout_overridden" {
+  command = plan
+  # the same precondition judges health_file, not the override: a good variable does not hide a bad file
+
+  variables {
+    health_file          = "tests/fixtures/health-short-timeout.json"
+    health_check_timeout = 5
+  }
+
+  expect_failures = [output.health_check]
 }
 
 run "health_check_retries_zero" {

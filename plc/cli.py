@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import serve_cmd
     from .cluster import cluster_cmd
     from .store import migrate_cmd
-    from .sync import sync_cmd
+    from .sync import audit_cmd, sync_cmd
     from .tools import generate, verify
 
     parser = argparse.ArgumentParser(prog="plc", description="A validating mirror of the did:plc directory.")
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.register(sub)
     migrate_cmd.register(sub)
     sync_cmd.register(sub)
+    audit_cmd.register(sub)
     serve_cmd.register(sub)
     cluster_cmd.register(sub)
     return parser

@@ -58,6 +58,11 @@ class StatusSource(Protocol):
     def lag_seconds(self) -> float | None: ...
 
 
+def leads(status: Any) -> bool:
+    """Whether the node holds the ingest lock (a stand-in status without the notion: yes)."""
+    return bool(getattr(status, "ingest_leader", True))
+
+
 def empty_counters() -> dict[str, Any]:
     """The counters of a node that has ingested nothing."""
     return {**{k: 0 for k in _SCALAR_COUNTERS}, **{k: {} for k in _KEYED_COUNTERS}}
@@ -73,6 +78,7 @@ class NodeStatus:
         self.ingestor: Any = None  # the current (or last) Ingestor
         self.last_commit_s: float | None = None
         self.last_error: str | None = None
+        self.leader_epoch: int | None = None  # the ingest lock's epoch while this node leads
         self._base = empty_counters()  # totals of the ingestors before the current one
 
     def attach(self, ingestor: Any) -> None:
@@ -80,6 +86,18 @@ class NodeStatus:
         if self.ingestor is not None and self.ingestor is not ingestor:
             self._base = _add(self._base, self.ingestor.metrics())
         self.ingestor = ingestor
+
+    def lead(self, epoch: int) -> None:
+        """This node took the ingest lock (epoch `epoch`)."""
+        self.leader_epoch = epoch
+
+    def standby(self) -> None:
+        """This node does not (or no longer) hold the ingest lock."""
+        self.leader_epoch = None
+
+    @property
+    def ingest_leader(self) -> bool:
+        return self.leader_epoch is not None
 
     def committed(self) -> None:
         """A batch was committed (the upstream answers again, if it had failed)."""
@@ -149,6 +167,8 @@ class _StatusCollector:
         yield info
         if st.role != INGESTER:
             return
+        yield GaugeMetricFamily("plc_ingest_leader", "1 while this node holds the ingest lock (it alone "
+                                "ingests), 0 while it waits for it", value=1 if leads(st) else 0)
         yield GaugeMetricFamily("plc_upstream_up", "1 when ingest from the upstream has not failed since "
                                 "its last commit", value=1 if st.upstream_state == UPSTREAM_OK else 0)
         if st.cursor is not None:

@@ -26,15 +26,16 @@ import asyncio
 import contextlib
 import logging
 import signal
-import sys
+import socket
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 import uvicorn
 import uvloop
 
-from . import __version__, settings
+from . import __version__, logs, settings
 from .api.app import create_app
 from .forward import config_from_args as forward_config
 from .identity.resolver import config_from_args
@@ -43,17 +44,21 @@ from .store.database import connect, database
 from .store.embedded import EmbeddedPostgresError
 from .store.migrate import MigrationError, migrate, pending
 from .sync.ingest import Ingestor, run_with_progress
+from .sync.leader import Deposed, IngestLeadership, LostLeadership
 from .sync.upstream import Upstream, check_upstream_url
 
 SERVE_SETTINGS = (
     settings.DATABASE_URL,
     settings.DATA_DIR,
     settings.UPSTREAM,
+    settings.UPSTREAM_MODE,
+    settings.LOG_FORMAT,
     settings.HOST,
     settings.PORT,
     settings.NO_INGEST,
     settings.READY_MAX_LAG,
     settings.INGEST_WORKERS,
+    settings.NODE_NAME,
     settings.DOC_CACHE_SIZE,
     *settings.FORWARD_SETTINGS,
     *settings.IDENTITY_SETTINGS,
@@ -76,7 +81,26 @@ def register(sub: Any) -> None:
 
 
 def _say(text: str) -> None:
-    print(f"plc serve: {text}", file=sys.stderr, flush=True)
+    """A progress line (``plc serve: <text>`` in text format, a JSON object with --log-format json)."""
+    logs.command_logger().info(text)
+
+
+def _fail(text: str) -> int:
+    logs.command_logger().error(text)
+    return 1
+
+
+@dataclass(frozen=True)
+class IngestJob:
+    """What this node's ingest needs: where it reads and writes, how, and whom it tells."""
+
+    connect_kwargs: dict[str, Any]
+    upstream: str
+    status: NodeStatus
+    on_commit: Callable[[set[str]], Any]
+    workers: int = 0
+    mode: str = "auto"  # --upstream-mode
+    node: str = "plc"
 
 
 class ServeError(Exception):
@@ -119,16 +143,13 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), seconds)
 
 
-async def _ingest_once(
-    connect_kwargs: dict[str, Any], base: str, stop: asyncio.Event, status: NodeStatus, workers: int,
-    on_commit: Callable[[set[str]], Any],
-) -> None:
-    conn = await connect(connect_kwargs)
+async def _ingest_once(job: IngestJob, stop: asyncio.Event, fence: Callable[[Any], Any] | None = None) -> None:
+    conn = await connect(job.connect_kwargs)
     try:
-        async with Upstream(base) as up:
-            ing = Ingestor(conn, up, upstream_name=base, on_commit=on_commit,
-                           workers=workers, connect_kwargs=connect_kwargs)
-            status.attach(ing)
+        async with Upstream(job.upstream) as up:
+            ing = Ingestor(conn, up, upstream_name=job.upstream, on_commit=job.on_commit, workers=job.workers,
+                           connect_kwargs=job.connect_kwargs, mode=job.mode, fence=fence)
+            job.status.attach(ing)
             await run_with_progress(ing, stop, _say, "ingest", PROGRESS_EVERY_S)
             _say(f"ingest stopped at cursor {ing.cursor} ({ing.accepted} ops accepted)")
     finally:
@@ -136,21 +157,61 @@ async def _ingest_once(
             await asyncio.wait_for(conn.close(), 10)
 
 
-async def _ingest_forever(
-    connect_kwargs: dict[str, Any], base: str, stop: asyncio.Event, status: NodeStatus, workers: int,
-    on_commit: Callable[[set[str]], Any],
-) -> None:
-    """Run the ingestor until `stop`; a failure is logged and ingest restarts after a pause."""
-    while not stop.is_set():
-        _say(f"ingest: following {base}")
-        try:
-            await _ingest_once(connect_kwargs, base, stop, status, workers, on_commit)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 — reads must survive any ingest failure
-            status.failed(f"{type(exc).__name__}: {exc}")
-            _say(f"ingest failed: {type(exc).__name__}: {exc}; retrying in {INGEST_RETRY_S:.0f}s")
-            await _wait(stop, INGEST_RETRY_S)
+async def _first(*aws: Any, timeout: float | None = None) -> set[Any]:
+    done, _ = await asyncio.wait(set(aws), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    return done
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+
+
+async def _ingest_forever(job: IngestJob, stop: asyncio.Event, leadership: IngestLeadership | None = None) -> None:
+    """Until `stop`: campaign for the ingest lock (plc.sync.leader); while this node leads,
+    ingest with every commit fenced by its epoch, restarting after a failure (pause
+    INGEST_RETRY_S) and stopping AT ONCE when the lock's session fails; then campaign again."""
+    leadership = leadership or IngestLeadership(job.connect_kwargs, job.node)
+    status, node = job.status, job.node
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        while not stop.is_set():
+            status.standby()
+            epoch = await leadership.campaign(stop)
+            if epoch is None:
+                break
+            status.lead(epoch)
+            _say(f"ingest: {node} leads (epoch {epoch}); following {job.upstream}")
+            watcher = asyncio.create_task(leadership.watch())
+            try:
+                while not stop.is_set():
+                    ingest = asyncio.create_task(
+                        _ingest_once(job, stop, leadership.fence)
+                    )
+                    done = await _first(ingest, watcher)
+                    if watcher in done:
+                        await _cancel(ingest)  # the batch in flight is rolled back
+                        watcher.result()  # raises LostLeadership
+                    try:
+                        ingest.result()
+                    except (Deposed, LostLeadership):
+                        raise
+                    except Exception as exc:  # noqa: BLE001 — reads must survive any ingest failure
+                        status.failed(f"{type(exc).__name__}: {exc}")
+                        _say(f"ingest failed: {type(exc).__name__}: {exc}; retrying in {INGEST_RETRY_S:.0f}s")
+                        if watcher in await _first(watcher, stopped, timeout=INGEST_RETRY_S):
+                            watcher.result()
+            except (Deposed, LostLeadership) as exc:
+                status.failed(f"lost ingest leadership: {exc}")
+                _say(f"ingest: {node} lost leadership (epoch {epoch}): {exc}")
+            finally:
+                await _cancel(watcher)
+                await leadership.release()
+    finally:
+        stopped.cancel()
+        await leadership.release()
+        status.standby()
 
 
 async def _announce(server: uvicorn.Server, host: str, port: int) -> None:
@@ -206,7 +267,10 @@ async def _run(args: argparse.Namespace) -> int:
         )
         server = _Server(config)
         ingest = None if no_ingest else asyncio.create_task(
-            _ingest_forever(kwargs, base, stop, status, args.ingest_workers, on_commit)
+            _ingest_forever(IngestJob(
+                kwargs, base, status, on_commit, workers=args.ingest_workers, mode=args.upstream_mode,
+                node=args.node_name or f"{socket.gethostname()}:{args.port}",
+            ), stop)
         )
         if ingest is None:
             _say("ingest off (--no-ingest): serving what the database holds")
@@ -228,14 +292,12 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, format="plc serve: %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_format, logging.WARNING, "plc serve")
     try:
         # uvloop: the event loop uvicorn is measured with (the stdlib loop costs ~2x per request)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(_run(args))
     except (ServeError, settings.SettingError, MigrationError, EmbeddedPostgresError) as exc:
-        print(f"plc serve: error: {exc}", file=sys.stderr)
-        return 1
+        return _fail(str(exc))
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        print(f"plc serve: error: database: {exc}", file=sys.stderr)
-        return 1
+        return _fail(f"database: {exc}")

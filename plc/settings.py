@@ -6,7 +6,7 @@ environment, then the default. `SETTINGS` feeds the CLI parsers and the docs
 
 A setting's `kind` says how its value is read: "text" (as given), "port" (an integer
 0–65535), "seconds" (a finite number >= 0), "bytes" (an integer >= 1), "rate" (`N/SECONDS`,
-or 0/off for no limit) "count" (an integer >= 0), "workers" (the same or `auto` = the CPU cores) or "flag" (a boolean: the flag takes no value;
+or 0/off for no limit) "count" (an integer >= 0), "workers" (the same or `auto` = the CPU cores) "choice" (one of the setting's `choices`, any case) or "flag" (a boolean: the flag takes no value;
 the environment variable is one of 1/true/yes/on or 0/false/no/off, any case, empty meaning
 unset).
 """
@@ -25,7 +25,9 @@ class Setting:
     env: str
     default: str | None
     help: str
-    kind: str = "text"  # "text", "port", "seconds", "bytes", "rate", "count", "workers" or "flag" (see the module docstring)
+    # "text", "port", "seconds", "bytes", "rate", "count", "workers", "choice" or "flag" (module docstring)
+    kind: str = "text"
+    choices: tuple[str, ...] = ()  # the values a "choice" setting takes
 
 
 DATABASE_URL = Setting(
@@ -50,6 +52,29 @@ UPSTREAM = Setting(
     "PLC_UPSTREAM",
     "https://plc.directory",
     "Base URL of the PLC directory to mirror (its /export and /export/stream are followed).",
+)
+
+UPSTREAM_MODE = Setting(
+    "upstream_mode",
+    "--upstream-mode",
+    "PLC_UPSTREAM_MODE",
+    "auto",
+    "How the upstream is followed: `sequenced` (/export?after=<seq> pages and /export/stream), "
+    "`legacy` (timestamp pages, for a directory without seq; ops stored without seq) or `auto` "
+    "(the mode of the stored cursor, else asked of the upstream's first /export page).",
+    kind="choice",
+    choices=("auto", "sequenced", "legacy"),
+)
+
+LOG_FORMAT = Setting(
+    "log_format",
+    "--log-format",
+    "PLC_LOG_FORMAT",
+    "text",
+    "Format of the log lines on stderr: `text`, or `json` (one object per line: ts, level, logger, "
+    "msg and any extra fields such as exc).",
+    kind="choice",
+    choices=("text", "json"),
 )
 
 HOST = Setting(
@@ -94,6 +119,15 @@ INGEST_WORKERS = Setting(
     "Processes that validate upstream ops while the main process fetches and commits (a DID's ops "
     "always go to the same one). `auto`: one per CPU core; 0: validate in the main process.",
     kind="workers",
+)
+
+NODE_NAME = Setting(
+    "node_name",
+    "--node-name",
+    "PLC_NODE_NAME",
+    None,
+    "This node's name in the ingest-leader record (plc_ingest_leader.node), /-/status and logs. "
+    "Absent: <hostname>:<port>.",
 )
 
 DOC_CACHE_SIZE = Setting(
@@ -229,7 +263,9 @@ IDENTITY_SETTINGS = (
 )
 
 SETTINGS = (
-    DATABASE_URL, DATA_DIR, UPSTREAM, HOST, PORT, NO_INGEST, READY_MAX_LAG, INGEST_WORKERS, DOC_CACHE_SIZE,
+    DATABASE_URL, DATA_DIR, UPSTREAM, UPSTREAM_MODE, LOG_FORMAT, HOST, PORT, NO_INGEST, READY_MAX_LAG,
+    INGEST_WORKERS, NODE_NAME,
+    DOC_CACHE_SIZE,
     *FORWARD_SETTINGS, *IDENTITY_SETTINGS,
 )
 
@@ -333,6 +369,21 @@ def count(text: str) -> int:
     return value
 
 
+def choice_of(setting: Setting):  # noqa: ANN201 - an argparse `type=`
+    """The argparse `type=` of a "choice" setting: one of its `choices` (any case)."""
+
+    def read(text: str) -> str:
+        value = text.strip().lower()
+        if value not in setting.choices:
+            raise argparse.ArgumentTypeError(
+                f"must be one of {', '.join(setting.choices)}, not {text!r} ({setting.env})"
+            )
+        return value
+
+    read.__name__ = setting.name
+    return read
+
+
 def add_argument(parser: argparse.ArgumentParser, setting: Setting) -> None:
     """Add the setting's flag; its default comes from the environment, then the setting."""
     shown = shown_default(setting)
@@ -352,7 +403,7 @@ def add_argument(parser: argparse.ArgumentParser, setting: Setting) -> None:
         default=default,
         metavar=setting.env,
         type={"port": port_number, "seconds": seconds, "bytes": byte_count, "rate": rate_text,
-               "count": count, "workers": count_or_auto}.get(
+               "count": count, "workers": count_or_auto, "choice": choice_of(setting)}.get(
             setting.kind, str
         ),
         help=f"{setting.help} [env {setting.env}; default: {shown}]",

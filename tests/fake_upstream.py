@@ -17,6 +17,11 @@ Fault knobs (plain attributes and methods of `FakeUpstream`, changeable while it
   `delete(seqs)`: history removed upstream (admin removeInvalidOps; deleting the tail makes
   cursors "future").
 - `outdated_ms`: the stream's backfill window (default 7 days); `now_ms`: its clock.
+- `legacy_only`: behave like the reference before seq existed (2025-12): every `/export` is
+  legacy (an all-digit `after` is read as a date, which V8 does for `0` as the year 2000, before
+  any record: the page starts at the beginning), lines carry no seq, and `/export/stream` does
+  not exist (the websocket is refused with 403).
+- A record's `nullified` is served as is on legacy lines; set it to flip the flag in place.
 """
 
 from __future__ import annotations
@@ -138,6 +143,7 @@ class FakeUpstream:
         self.duplicated: set[int] = set()
         self.replaced: dict[int, bytes] = {}
         self.seq_shown: dict[int, int] = {}
+        self.legacy_only = False
         self._changed = asyncio.Event()
         self.url = ""
         self.app = Starlette(routes=[
@@ -212,6 +218,8 @@ class FakeUpstream:
                 return JSONResponse({"message": "Invalid count parameter"}, 400)
             count = min(parsed, 1000)
         after = params.get("after", "")
+        if self.legacy_only and re.fullmatch(r"\d+", after):
+            after = ""  # `new Date("0")` is the year 2000: before every record
         if re.fullmatch(r"\d+", after):
             seq_after = int(after)
             rows = [r for r in self.records if r.seq > seq_after][:count]
@@ -242,6 +250,10 @@ class FakeUpstream:
     async def export_stream(self, ws: WebSocket) -> None:
         entry = RequestLog(time.monotonic(), "stream", dict(ws.query_params))
         self.requests.append(entry)
+        if self.legacy_only:
+            entry.status = 403
+            await ws.close(1008)
+            return
         cursor = js_parse_int(ws.query_params.get("cursor", ""))
         if cursor is None or cursor < 0:
             entry.status = 400

@@ -149,6 +149,8 @@ async def test_valid_update_is_forwarded_and_read_back_at_once(make_mirror):
     did, g, gcid = await _known_did(m)
     op = update(gcid, A, [R, A], aka=["at://renamed.test"])
     body = orjson.dumps(op)
+    before = await m.http.get(f"/{did}")  # now in the read cache (a pending op has no seq:
+    assert before.json()["alsoKnownAs"] != ["at://renamed.test"]  # only the forwarder drops it)
     r = await m.post(did, body)
     assert (r.status_code, r.text) == (200, "OK")
     assert r.headers["content-type"].startswith("text/plain")

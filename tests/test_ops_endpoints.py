@@ -40,6 +40,7 @@ class StandInStatus:
     cursor: int | None = 4242
     high_created_ms: int | None = int((NOW_S - 12.5) * 1000)
     last_commit_s: float | None = NOW_S - 1
+    leader_epoch: int | None = 7
     counts: dict[str, Any] = field(default_factory=lambda: {
         "batches": 7, "accepted": 900, "stored": 880, "skipped_duplicates": 20,
         "rejected": {"sig_invalid": 3, "malformed": 1}, "divergences": {"rejected": 4, "backdated": 2},
@@ -47,6 +48,10 @@ class StandInStatus:
 
     def counters(self) -> dict[str, Any]:
         return self.counts
+
+    @property
+    def ingest_leader(self) -> bool:
+        return self.leader_epoch is not None
 
     def lag_seconds(self) -> float | None:
         return lag_seconds(self.high_created_ms, NOW_S)
@@ -187,6 +192,8 @@ async def test_status_fields(node):
     assert r.json() == {
         "version": "9.9.9",
         "role": "ingester",
+        "ingest_leader": True,
+        "ingest_epoch": 7,
         "cursor": 4242,
         "lag_seconds": 12.5,
         "newest_created_at": format_ms(status.high_created_ms),
@@ -284,7 +291,7 @@ async def test_serve_ingest_feeds_the_node_status(pg_dsn, pg_database, fake_upst
     status = NodeStatus(ingest=True, upstream=fake.url)
     stop = asyncio.Event()
     task = asyncio.create_task(serve_cmd._ingest_forever(
-        pg_database.connect_kwargs, fake.url, stop, status, 0, lambda _dids: status.committed()))
+        serve_cmd.IngestJob(pg_database.connect_kwargs, fake.url, status, lambda _dids: status.committed()), stop))
     try:
         await _until(lambda: "403" in status.upstream_state, task, "the failure never reached the status")
         assert status.upstream_state.startswith("UpstreamError")
@@ -295,7 +302,7 @@ async def test_serve_ingest_feeds_the_node_status(pg_dsn, pg_database, fake_upst
     # ingest starts again (as after INGEST_RETRY_S) and the upstream answers
     stop = asyncio.Event()
     task = asyncio.create_task(serve_cmd._ingest_forever(
-        pg_database.connect_kwargs, fake.url, stop, status, 0, lambda _dids: status.committed()))
+        serve_cmd.IngestJob(pg_database.connect_kwargs, fake.url, status, lambda _dids: status.committed()), stop))
     try:
         await _until(lambda: (status.cursor or 0) >= fake.latest_seq, task, "cursor stuck")
         assert status.upstream_state == "ok" and status.last_commit_s is not None
@@ -307,3 +314,27 @@ async def test_serve_ingest_feeds_the_node_status(pg_dsn, pg_database, fake_upst
     finally:
         stop.set()
         await asyncio.wait_for(task, 15)
+
+
+async def test_a_standby_is_ready_by_the_clusters_lag(node):
+    """A node waiting for the ingest lock has ingested nothing itself: its readiness follows
+    the newest createdAt any node committed (plc_cursor), and /metrics says it does not lead."""
+    c, app, status = node
+    status.leader_epoch = None
+    status.high_created_ms = None  # this node's own ingestor never ran
+    async with app.state.pool.acquire() as conn:
+        await migrate(conn)
+        r = await c.get("/-/ready")
+        assert r.status_code == 503 and "no op ingested yet" in r.json()["reason"]
+        now_ms = int(time.time() * 1000)
+        await conn.execute("INSERT INTO plc_cursor VALUES ('up', 1, $1, $1)", now_ms - 30_000)
+        r = await c.get("/-/ready")
+        assert r.status_code == 200, r.json()
+        assert 29 <= r.json()["lag_seconds"] < 600
+        await conn.execute("UPDATE plc_cursor SET created_at = $1", now_ms - 3_600_000)
+        r = await c.get("/-/ready")
+        assert r.status_code == 503 and "above the 60s bound" in r.json()["reason"]
+    st = (await c.get("/-/status")).json()
+    assert st["ingest_leader"] is False and st["ingest_epoch"] is None
+    m = await scrape(c)
+    assert m[("plc_ingest_leader", ())] == 0

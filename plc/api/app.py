@@ -106,7 +106,7 @@ def create_app(
         watcher = ChangeWatcher(app.state.pool, app.state.doc_cache, doc_cache_poll_s)
         watcher.start()  # caching starts once its first poll succeeds
         if app.state.forward is not None:
-            await app.state.forward.start(app.state.pool)
+            await app.state.forward.start(app.state.pool, app.state.doc_cache)
         try:
             yield
         finally:

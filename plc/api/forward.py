@@ -141,7 +141,7 @@ class Forwarder:
         self._expirer: asyncio.Task | None = None
 
     # ---- lifecycle
-    async def start(self, pool: Any) -> None:
+    async def start(self, pool: Any, cache: Any = None) -> None:
         c = self.config
         self.posters = [
             UpstreamPoster(
@@ -151,7 +151,7 @@ class Forwarder:
             )
             for base in c.upstreams
         ]
-        self._expirer = asyncio.create_task(self._expire_forever(pool), name="plc-pending-expire")
+        self._expirer = asyncio.create_task(self._expire_forever(pool, cache), name="plc-pending-expire")
 
     async def close(self) -> None:
         if self._expirer is not None:
@@ -168,20 +168,23 @@ class Forwarder:
 
         return observe
 
-    async def expire_once(self, pool: Any) -> list[oplog.Divergence]:
-        """One pass of the pending-window check (also sets the pending gauge)."""
+    async def expire_once(self, pool: Any, cache: Any = None) -> list[oplog.Divergence]:
+        """One pass of the pending-window check (also sets the pending gauge); the DIDs whose
+        pending ops expired are dropped from ``cache`` (the app's DocCache) when given."""
         async with pool.acquire() as conn:
             found = await pending.expire(conn, int(self.config.pending_window_s * 1000), self.clock())
             self.metrics.pending.set(await pending.count(conn))
+        if cache is not None and found:
+            cache.invalidate({d.did for d in found if d.did})
         for d in found:
             self.metrics.unpublished.inc()
             log.warning("unpublished: %s %s was accepted upstream but never published", d.did, d.cid)
         return found
 
-    async def _expire_forever(self, pool: Any) -> None:
+    async def _expire_forever(self, pool: Any, cache: Any) -> None:
         while True:
             try:
-                await self.expire_once(pool)
+                await self.expire_once(pool, cache)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 — the task must outlive a database hiccup
@@ -259,6 +262,7 @@ class Forwarder:
                         did, verdict.cid, first.upstream, ",".join(first.statuses))
         if first.status == 200 and verdict.accepted is not None:
             await self._keep_pending(pool, verdict, now, first.upstream)
+            scope["app"].state.doc_cache.invalidate([did])  # read-your-write on this node
         return self._relay(verdict, answers)
 
     async def _keep_pending(self, pool: Any, verdict: Verdict, now: int, upstream: str) -> None:

@@ -2,10 +2,12 @@
 
     GET /metrics     Prometheus text exposition (`plc.metrics.Metrics`)
     GET /-/ready     readiness for load balancers: 200 {"ready":true,…} only when the database
-                     answers `select 1` and, on an ingesting node, the lag is at most
-                     `app.state.ready_max_lag` seconds; otherwise 503 with the reason
-    GET /-/status    JSON: version, role, cursor, lag, newest createdAt, upstream and its state,
-                     counters
+                     answers and, on an ingesting node, the lag is at most
+                     `app.state.ready_max_lag` seconds; otherwise 503 with the reason. The
+                     ingest leader's lag is its own; a standby's (it waits for the ingest
+                     lock) is the cluster's: from the newest createdAt in plc_cursor
+    GET /-/status    JSON: version, role, whether this node is the ingest leader and its
+                     epoch, cursor, lag, newest createdAt, upstream and its state, counters
 
 `/metrics` is one path segment, which the DID routes would otherwise take; it is no did:plc,
 so no DID is shadowed. The other two live under `/-/`, which no DID route serves. These routes
@@ -26,7 +28,7 @@ import orjson
 from starlette.routing import BaseRoute, Match
 
 from ..core.jsonfmt import format_ms
-from ..metrics import INGESTER
+from ..metrics import INGESTER, lag_seconds, leads
 from .http import JSON_TYPE, Reply
 from .routes import PlcRoute
 
@@ -46,14 +48,20 @@ async def metrics(scope: dict[str, Any], _did: str | None) -> Reply:
     return Reply(200, body, content_type, list(NO_STORE), etag=False)
 
 
-async def _database_error(pool: Any) -> str | None:
-    """None when ``select 1`` succeeds, else what went wrong (one line)."""
+_HIGH_SQL = "SELECT max(created_at) FROM plc_cursor"
+
+
+async def _database_state(pool: Any, want_high: bool) -> tuple[str | None, int | None]:
+    """(None, …) when the database answers, else (what went wrong, None); with ``want_high``
+    also the newest createdAt any node ingested (a standby's lag is the cluster's)."""
     try:
         async with pool.acquire(timeout=READY_TIMEOUT) as conn:
+            if want_high:
+                return None, await conn.fetchval(_HIGH_SQL, timeout=READY_TIMEOUT)
             await conn.fetchval("select 1", timeout=READY_TIMEOUT)
     except Exception as exc:  # noqa: BLE001 — any failure means "not ready"
-        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    return None
+        return (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__), None
+    return None, None
 
 
 async def ready(scope: dict[str, Any], _did: str | None) -> Reply:
@@ -61,8 +69,9 @@ async def ready(scope: dict[str, Any], _did: str | None) -> Reply:
     state = scope["app"].state
     status = state.status
     bound = state.ready_max_lag
-    db_error = await _database_error(state.pool)
-    lag = status.lag_seconds()
+    standby = status.role == INGESTER and not leads(status)
+    db_error, db_high = await _database_state(state.pool, standby)
+    lag = lag_seconds(db_high, time.time()) if standby else status.lag_seconds()
     reasons = []
     if db_error is not None:
         reasons.append(f"database unavailable ({db_error})")
@@ -93,6 +102,8 @@ async def status(scope: dict[str, Any], _did: str | None) -> Reply:
     return _json(200, {
         "version": state.version,
         "role": st.role,
+        "ingest_leader": st.role == INGESTER and leads(st),
+        "ingest_epoch": getattr(st, "leader_epoch", None),
         "cursor": st.cursor,
         "lag_seconds": st.lag_seconds(),
         "newest_created_at": None if high is None else format_ms(high),

@@ -23,6 +23,25 @@ Per record, in upstream order:
   The high-water createdAt is kept in the cursor row (`plc_cursor.created_at`) so it survives
   restarts.
 
+Modes (`mode=`): `sequenced` follows `/export?after=<seq>` pages and the stream
+(`Upstream.follow`); `legacy` follows timestamp pages (`Upstream.follow_legacy`) for an upstream
+without seq: it resumes from the stored high-water createdAt minus the upstream's
+`legacy_overlap_ms` (the overlap is skipped as duplicates), ops are stored with seq NULL (so they
+appear in our legacy `/export`, not in the sequenced one or the stream) and the cursor row keeps
+seq NULL. `auto` (the default) keeps the mode of a stored cursor (a seq: sequenced; only a
+createdAt: legacy) and otherwise asks `/export?after=0&count=10`: lines with seq → sequenced,
+lines without → legacy, a 400 → legacy; an empty answer is asked again after the upstream's
+`poll_interval_s`. `active_mode` says what was chosen.
+
+Nullified flags (legacy lines carry upstream's current `nullified`; ours is computed, never
+copied, and always wins): before each commit the flagged records are compared with what is
+stored. We hold the op nullified and upstream says false → divergence `nullified_mismatch`
+at once (we got the nullifying op from upstream). Upstream says true and we hold it live (or
+it is new) → the nullifying op may simply not have reached us yet (it comes later in createdAt
+order), so the record waits (in memory, at most `MAX_PENDING_FLAGS`) until either we nullify
+it too, or our committed high-water createdAt passes its createdAt + 72 h (the recovery
+window) + `backdate_tolerance_ms` → `nullified_mismatch`. A pending check is lost on restart.
+
 Pipeline and cores: `run` validates the next group of batches while it commits the previous
 one; with `workers=N` (and `connect_kwargs`) validation runs in N processes
 (`validation.ValidatorPool`, records sharded by DID so a DID's ops stay in order) and the ops
@@ -47,9 +66,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
+from ..core.chain import RECOVERY_WINDOW_MS
+from ..core.jsonfmt import format_ms
 from ..store import oplog, pending
 from ..store.oplog import Cursor, Divergence, NewOp
-from .upstream import Batch, MalformedLine, Upstream, UpstreamRecord
+from .upstream import Batch, MalformedLine, Upstream, UpstreamError, UpstreamRecord
 from .validation import CONFLICT as _CONFLICT_OUTCOME
 from .validation import OK, SKIP, Outcome, Validator, ValidatorPool
 
@@ -59,6 +80,14 @@ REJECTED = "rejected"
 BACKDATED = "backdated"
 SEQ_REGRESSION = "seq_regression"
 CONFLICT = "conflict"
+NULLIFIED_MISMATCH = "nullified_mismatch"
+
+AUTO = "auto"
+SEQUENCED = "sequenced"
+LEGACY = "legacy"
+MODES = (AUTO, SEQUENCED, LEGACY)
+DETECT_COUNT = 10  # lines asked for when detecting the upstream's mode
+MAX_PENDING_FLAGS = 100_000
 
 DEFAULT_BACKDATE_TOLERANCE_MS = 10 * 60 * 1000
 DEFAULT_CACHE_DIDS = 100_000
@@ -112,7 +141,10 @@ class Ingestor:
         connect_kwargs: dict[str, Any] | None = None,
         fence: Callable[[Any], Awaitable[Any]] | None = None,
         on_commit: Callable[[set[str]], Any] | None = None,
+        mode: str = AUTO,
     ):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         if batch_max < 1:
             raise ValueError("batch_max must be >= 1")
         if workers and connect_kwargs is None:
@@ -127,6 +159,10 @@ class Ingestor:
         self.connect_kwargs = connect_kwargs
         self.fence = fence
         self.on_commit = on_commit
+        self.mode = mode
+        self.active_mode: str | None = None  # sequenced or legacy, once chosen
+        self._stored_cursor: Cursor | None = None
+        self._pending_flags: dict[tuple[str, str], UpstreamRecord] = {}  # upstream says nullified
         self._cache_dids = cache_dids
         self._validator = Validator(cache_dids)
         self._pool: ValidatorPool | None = None
@@ -212,6 +248,7 @@ class Ingestor:
 
     async def _resume(self) -> None:
         stored = await oplog.get_cursor(self.conn, self.upstream_name)
+        self._stored_cursor = stored
         self.cursor = stored.seq if stored is not None and stored.seq is not None else 0
         self.high_created_ms = stored.created_at if stored is not None else None
         self._planned_seq, self._planned_high = self.cursor, self.high_created_ms
@@ -228,8 +265,46 @@ class Ingestor:
             self._pool.close()
             self._pool = None
 
+    async def choose_mode(self) -> str:
+        """`sequenced` or `legacy` (see "Modes" in the module docstring); sets `active_mode`."""
+        mode = self.mode
+        if mode == AUTO:
+            stored = self._stored_cursor
+            if stored is not None and stored.seq is not None:
+                mode = SEQUENCED
+            elif stored is not None and stored.created_at is not None:
+                mode = LEGACY
+            else:
+                mode = await self._detect_mode()
+        if self.active_mode != mode:
+            log.info("following %s in %s mode", self.upstream_name, mode)
+        self.active_mode = mode
+        return mode
+
+    async def _detect_mode(self) -> str:
+        while True:
+            try:
+                page = await self.upstream.export_page(0, DETECT_COUNT)
+            except UpstreamError as exc:
+                if exc.status == 400:  # a numeric `after` refused: an upstream without seq
+                    return LEGACY
+                raise
+            if any(item.seq is not None for item in page):
+                return SEQUENCED
+            if any(isinstance(item, UpstreamRecord) for item in page):
+                return LEGACY
+            await asyncio.sleep(self.upstream.poll_interval_s)  # empty: nothing to tell yet
+
+    def _legacy_start(self) -> str | None:
+        if self.high_created_ms is None:
+            return None
+        return format_ms(max(0, self.high_created_ms - max(1, self.upstream.legacy_overlap_ms)))
+
     async def _produce(self, cursor: int, queue: asyncio.Queue[Batch]) -> None:
-        agen = self.upstream.follow(cursor)
+        if await self.choose_mode() == LEGACY:
+            agen = self.upstream.follow_legacy(self._legacy_start())
+        else:
+            agen = self.upstream.follow(cursor)
         async with contextlib.aclosing(agen):
             async for batch in agen:
                 await queue.put(batch)
@@ -318,6 +393,7 @@ class Ingestor:
             else:
                 divergences.append(self._divergence(REJECTED, rec, out[1], out[2]))
                 rejected[out[1]] += 1
+        divergences += await self._flag_divergences(group.records)
         next_cursor = group.batches[-1].next_cursor if group.batches else None
         cursor_seq = next_cursor if isinstance(next_cursor, int) else None
         cursor = Cursor(cursor_seq, group.high) if (cursor_seq is not None or group.high is not None) else None
@@ -337,6 +413,44 @@ class Ingestor:
         if self.on_commit is not None:
             self.on_commit({o.did for o in ops})
         return inserted
+
+    async def _flag_divergences(self, records: list[UpstreamRecord]) -> list[Divergence]:
+        """Upstream `nullified` flags that contradict our stored state (module docstring)."""
+        flagged = [r for r in records if r.nullified is not None]
+        if not flagged and not self._pending_flags:
+            return []
+        pending_flags = self._pending_flags
+        ours = await _stored_flags(self.conn, [r.key for r in flagged] + list(pending_flags))
+        out: list[Divergence] = []
+        settled_before = (self.high_created_ms or 0) - RECOVERY_WINDOW_MS - self.backdate_tolerance_ms
+        for key, rec in list(pending_flags.items()):  # waiting from earlier commits
+            now = ours.get(key)
+            if now is None or now:  # not stored after all (refused), or nullified by us too
+                del pending_flags[key]
+            elif rec.created_ms < settled_before:
+                del pending_flags[key]
+                out.append(self._mismatch(rec, False, "no op nullifying it reached us within the 72 h "
+                                                      "recovery window"))
+        for rec in flagged:
+            held = ours.get(rec.key)
+            if held is not None and held == rec.nullified:
+                pending_flags.pop(rec.key, None)
+            elif held and not rec.nullified:
+                pending_flags.pop(rec.key, None)
+                out.append(self._mismatch(rec, True, "upstream served the op that nullifies it"))
+            elif rec.nullified:
+                pending_flags[rec.key] = rec  # the nullifying op may still be on its way
+        while len(pending_flags) > MAX_PENDING_FLAGS:
+            key = next(iter(pending_flags))
+            log.warning("too many pending nullified flags; not checking %s %s", *key)
+            del pending_flags[key]
+        return out
+
+    @classmethod
+    def _mismatch(cls, rec: UpstreamRecord, ours: bool, why: str) -> Divergence:
+        detail = (f"upstream says nullified={'true' if rec.nullified else 'false'}, "
+                  f"ours is nullified={'true' if ours else 'false'} ({why}); ours is kept")
+        return cls._divergence(NULLIFIED_MISMATCH, rec, None, detail)
 
     @staticmethod
     def _divergence(kind: str, rec: UpstreamRecord, reason: str | None, detail: str) -> Divergence:
@@ -358,7 +472,28 @@ class Ingestor:
         }
 
 
-__all__ = ["BACKDATED", "CONFLICT", "REJECTED", "SEQ_REGRESSION", "Ingestor"]
+_FLAGS_SQL = """
+SELECT d.did, o.cid, o.nullified FROM plc_did d JOIN plc_op o ON o.did_id = d.id
+WHERE d.did = ANY($1::bytea[])
+"""
+
+
+async def _stored_flags(conn: Any, keys: list[tuple[str, str]]) -> dict[tuple[str, str], bool]:
+    """Our nullified flag of each stored (did, cid) among ``keys`` (absent: not stored)."""
+    dids = {k for k in (oplog.did_bytes(did) for did, _ in keys) if k is not None}
+    if not dids:
+        return {}
+    wanted = set(keys)
+    out: dict[tuple[str, str], bool] = {}
+    for r in await conn.fetch(_FLAGS_SQL, list(dids)):
+        key = (oplog.did_text(r[0]), oplog.cid_text(r[1]))
+        if key in wanted:
+            out[key] = r[2]
+    return out
+
+
+__all__ = ["AUTO", "BACKDATED", "CONFLICT", "LEGACY", "MODES", "NULLIFIED_MISMATCH", "REJECTED",
+           "SEQUENCED", "SEQ_REGRESSION", "Ingestor"]
 
 
 async def report_progress(ing: Ingestor, say: Callable[[str], None], label: str, every_s: float) -> None:

@@ -288,7 +288,7 @@ async def _cached(scope: dict[str, Any], did: str, route: str, build: Callable[[
     """``build(rows)`` for the DID's rows, from the document cache when it holds the DID (the
     reply itself too, once built for this route); [] rows without a query for anything not a
     did:plc."""
-    if oplog.did_bytes(did) is None:
+    if not oplog.is_plc_did(did):
         return build([])
     cache = scope["app"].state.doc_cache
     entry = cache.get(did)

@@ -270,6 +270,11 @@ _DID_PREFIX = "did:plc:"
 _B32 = frozenset("abcdefghijklmnopqrstuvwxyz234567")
 
 
+def is_plc_did(did: str) -> bool:
+    """Whether ``did`` is a well-formed did:plc (``did_bytes`` would not be None), cheaply."""
+    return len(did) == 32 and did.startswith(_DID_PREFIX) and _B32.issuperset(did[8:])
+
+
 def did_bytes(did: str) -> bytes | None:
     """The 15 bytes a did:plc is stored as (its 24 base32 characters decoded); None for any
     string that is not a well-formed did:plc (such a DID can have no ops)."""

@@ -299,15 +299,20 @@ def seconds(text: str) -> float:
     return value
 
 
-def byte_count(text: str) -> int:
-    """An integer >= 1 from its text (argparse `type=` for "bytes" settings)."""
+def whole_number(text: str, minimum: int, what: str = "whole number") -> int:
+    """An integer >= `minimum` from its text, or argparse.ArgumentTypeError saying why not."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of bytes: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+        raise argparse.ArgumentTypeError(f"not a {what}: {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
     return value
+
+
+def byte_count(text: str) -> int:
+    """An integer >= 1 from its text (argparse `type=` for "bytes" settings)."""
+    return whole_number(text, 1, "number of bytes")
 
 
 def rate_text(text: str) -> str:
@@ -360,13 +365,7 @@ def count_or_auto(text: str) -> int:
 
 def count(text: str) -> int:
     """A "count" setting: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
-    return value
+    return whole_number(text, 0)
 
 
 def choice_of(setting: Setting):  # noqa: ANN201 - an argparse `type=`

@@ -159,7 +159,7 @@ async def test_plc_audit_command(pg_dsn, fake_upstream_factory):
 
 def test_plc_audit_bad_input_is_a_clear_error():
     out = run_cli("audit", "--from", "-1")
-    assert out.returncode == 2 and "a seq is 0 or more" in out.stderr
+    assert out.returncode == 2 and "--from: must be at least 0" in out.stderr
     nowhere = "postgresql://nobody@127.0.0.1:9/x"
     out = run_cli("audit", "--database-url", nowhere, "--upstream", "http://127.0.0.1:9")
     assert out.returncode == 1 and "plc audit: error: database" in out.stderr

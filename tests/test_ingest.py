@@ -50,19 +50,25 @@ async def connect(pg_dsn: str) -> asyncpg.Connection:
     return conn
 
 
-async def sync_until(ing: Ingestor, target_seq: int, timeout: float = 60) -> None:
-    """Run the ingestor until its committed cursor reaches `target_seq`, then stop it."""
+async def run_until(ing: Ingestor, done, timeout: float, stuck) -> None:
+    """Run the ingestor until `done()` holds (else fail with `stuck()` after `timeout`); stop it."""
     stop = asyncio.Event()
     task = asyncio.create_task(ing.run(stop))
     deadline = time.monotonic() + timeout
-    while (ing.cursor or 0) < target_seq:
+    while not done():
         if task.done():
             task.result()
             raise AssertionError("ingestor ended early")
-        assert time.monotonic() < deadline, f"cursor stuck at {ing.cursor}, want {target_seq}"
+        assert time.monotonic() < deadline, stuck()
         await asyncio.sleep(0.02)
     stop.set()
     await asyncio.wait_for(task, 10)
+
+
+async def sync_until(ing: Ingestor, target_seq: int, timeout: float = 60) -> None:
+    """Run the ingestor until its committed cursor reaches `target_seq`, then stop it."""
+    await run_until(ing, lambda: (ing.cursor or 0) >= target_seq, timeout,
+                    lambda: f"cursor stuck at {ing.cursor}, want {target_seq}")
 
 
 async def stored_ops(conn) -> list[tuple[str, str, bool, int | None]]:

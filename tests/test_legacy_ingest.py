@@ -20,7 +20,7 @@ from plc.store import oplog
 from plc.sync.ingest import LEGACY, NULLIFIED_MISMATCH, REJECTED, SEQUENCED, Ingestor
 from plc.tools.generate import generate
 from plcdata import genesis, k256, ref_cid, update
-from test_ingest import connect, corpus, divergence_rows, sync_until, upstream
+from test_ingest import connect, corpus, divergence_rows, run_until, sync_until, upstream
 from fake_upstream import record_from_line
 
 pytestmark = pytest.mark.timeout(120)
@@ -39,17 +39,8 @@ def legacy_corpus(seed: int, dids: int, invalid_rate: float = 0.1) -> list[tuple
 
 async def sync_legacy_until(ing: Ingestor, target_ms: int, timeout: float = 60) -> None:
     """Run the ingestor until its committed high-water createdAt reaches `target_ms`; stop it."""
-    stop = asyncio.Event()
-    task = asyncio.create_task(ing.run(stop))
-    deadline = time.monotonic() + timeout
-    while (ing.high_created_ms or 0) < target_ms:
-        if task.done():
-            task.result()
-            raise AssertionError("ingestor ended early")
-        assert time.monotonic() < deadline, f"stuck at {ing.high_created_ms}, want {target_ms}"
-        await asyncio.sleep(0.02)
-    stop.set()
-    await asyncio.wait_for(task, 10)
+    await run_until(ing, lambda: (ing.high_created_ms or 0) >= target_ms, timeout,
+                    lambda: f"stuck at {ing.high_created_ms}, want {target_ms}")
 
 
 async def stored(conn) -> list[tuple[str, str, bool, int | None]]:

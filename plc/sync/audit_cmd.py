@@ -31,13 +31,7 @@ PROGRESS_EVERY_PAGES = 100
 
 
 def _seq(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a seq: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a seq is 0 or more, not {value}")
-    return value
+    return settings.whole_number(text, 0, "seq")
 
 
 def register(sub: Any) -> None:

@@ -382,3 +382,27 @@ async def test_a_failing_fence_stores_nothing_and_stops_the_ingestor(pg_dsn, fak
         assert ing.cursor == 0 and ing.accepted == 0
     finally:
         await conn.close()
+
+
+async def test_the_ingest_reconciles_ops_pending_upstream(pg_dsn, fake_upstream_factory):
+    """An op this mirror forwarded (kept in plc_pending) is deleted from plc_pending in the very
+    commit that stores it when the upstream publishes it; other pending rows stay."""
+    from plc.core.chain import REPLAY, check_op
+    from plc.store import pending
+
+    lines = corpus(23, 30, invalid_rate=0)
+    fake = await fake_upstream_factory([record_from_line(line) for line, _, _ in lines])
+    conn = await connect(pg_dsn)
+    try:
+        first = orjson.loads(lines[0][0])
+        acc = check_op(None, first["did"], first["operation"], mode=REPLAY,
+                       created_at=1_700_000_000_000, cid=first["cid"])
+        assert await pending.add(conn, acc, 1_700_000_000_000, fake.url)
+        other = dataclasses.replace(acc, did="did:plc:" + "a" * 24)
+        assert await pending.add(conn, other, 1_700_000_000_000, fake.url)
+        async with upstream(fake) as up:
+            await sync_until(Ingestor(conn, up, upstream_name="up"), fake.latest_seq)
+        left = await conn.fetch("SELECT did, cid FROM plc_pending")
+        assert [tuple(r) for r in left] == [(other.did, other.cid)]
+    finally:
+        await conn.close()

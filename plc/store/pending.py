@@ -130,6 +130,9 @@ WHERE p.did = x.did AND p.cid = x.cid
 """
 
 
+_ANY_SQL = "SELECT EXISTS (SELECT 1 FROM plc_pending)"
+
+
 def _keys(pairs: Iterable[tuple[str, str]]) -> tuple[list[str], list[str], list[bytes], list[bytes]]:
     dids: list[str] = []
     cids: list[str] = []
@@ -148,7 +151,12 @@ def _keys(pairs: Iterable[tuple[str, str]]) -> tuple[list[str], list[str], list[
 
 async def reconcile(conn: Any, did_cids: Iterable[tuple[str, str]]) -> int:
     """Delete the pending rows among ``did_cids`` whose op is stored in plc_op; returns how
-    many. Cheap when nothing is pending (one indexed DELETE)."""
+    many. When nothing is pending at all (the usual case) this is one tiny query and
+    ``did_cids`` (which may be a generator) is not even read. A row added by another node
+    meanwhile and left behind is harmless: reads skip a pending op already stored, and
+    ``expire`` drops it without a divergence."""
+    if not await conn.fetchval(_ANY_SQL):
+        return 0
     dids, cids, dbs, cbs = _keys(did_cids)
     if not dids:
         return 0

@@ -110,7 +110,7 @@ def _opt_text(value: Any) -> str | None:
 
 async def _reconcile_pending(conn: Any, ops: list[NewOp]) -> None:
     """Forwarded ops now stored are no longer pending (same transaction as the store)."""
-    await pending.reconcile(conn, [(o.did, oplog.cid_text(o.digest)) for o in ops])
+    await pending.reconcile(conn, ((o.did, oplog.cid_text(o.digest)) for o in ops))
 
 
 class _Group(NamedTuple):

@@ -49,6 +49,7 @@ from .sync.upstream import Upstream, check_upstream_url
 
 SERVE_SETTINGS = (
     settings.DATABASE_URL,
+    settings.READ_DATABASE_URL,
     settings.DATA_DIR,
     settings.UPSTREAM,
     settings.UPSTREAM_MODE,
@@ -248,6 +249,7 @@ async def _run(args: argparse.Namespace) -> int:
             forward=forward_config(args, base),
             doc_cache_size=args.doc_cache_size,
             identity_config=config_from_args(args),
+            read_connect_kwargs={"dsn": args.read_database_url} if args.read_database_url else None,
         )
 
         def on_commit(dids: set[str]) -> None:

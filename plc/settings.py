@@ -38,6 +38,15 @@ DATABASE_URL = Setting(
     "PostgreSQL URL (libpq form). Absent: a private PostgreSQL in the data directory, "
     "started and stopped by the program itself.",
 )
+READ_DATABASE_URL = Setting(
+    "read_database_url",
+    "--read-database-url",
+    "PLC_READ_DATABASE_URL",
+    None,
+    "PostgreSQL URL for reads, e.g. HAProxy's replicas port (replicas within a lag bound). The "
+    "read routes, /export, /export/stream and the cache's change feed use it, and fall back to "
+    "--database-url when it cannot be reached. Absent: every read goes to --database-url.",
+)
 DATA_DIR = Setting(
     "data_dir",
     "--data-dir",
@@ -263,10 +272,8 @@ IDENTITY_SETTINGS = (
 )
 
 SETTINGS = (
-    DATABASE_URL, DATA_DIR, UPSTREAM, UPSTREAM_MODE, LOG_FORMAT, HOST, PORT, NO_INGEST, READY_MAX_LAG,
-    INGEST_WORKERS, NODE_NAME,
-    DOC_CACHE_SIZE,
-    *FORWARD_SETTINGS, *IDENTITY_SETTINGS,
+    DATABASE_URL, READ_DATABASE_URL, DATA_DIR, UPSTREAM, UPSTREAM_MODE, LOG_FORMAT, HOST, PORT, NO_INGEST,
+    READY_MAX_LAG, INGEST_WORKERS, NODE_NAME, DOC_CACHE_SIZE, *FORWARD_SETTINGS, *IDENTITY_SETTINGS,
 )
 
 _TRUE = ("1", "true", "yes", "on")

@@ -14,6 +14,11 @@ Identity (``identity``): ``app.state.identity`` is a ``plc.identity.IdentityReso
 documents from the app's pool; the lifespan closes it. Its XRPC routes (``plc.api.xrpc``) come
 before the reference's routes.
 
+Reads (``readpool``): with ``read_connect_kwargs`` (a replica, e.g. HAProxy's replicas port)
+the read routes, ``/export/stream``, the cache's change feed and the identity resolver use
+``app.state.read_pool``: the replica first, the primary pool when no replica connection can
+be had. Writes, submit-mode validation, ``/_health`` and ``/-/ready`` use ``app.state.pool``.
+
 Read cache (``doccache``): ``app.state.doc_cache`` holds the ops and rendered replies of up to
 ``doc_cache_size`` DIDs (0: no cache); a ``ChangeWatcher`` started by the lifespan invalidates
 DIDs that other processes changed, polling every ``doc_cache_poll_s`` seconds. Code in this
@@ -46,6 +51,7 @@ from .doccache import DEFAULT_INTERVAL_S as DEFAULT_CACHE_POLL_S
 from .doccache import DEFAULT_SIZE as DEFAULT_CACHE_SIZE
 from .doccache import ChangeWatcher, DocCache
 from .forward import Forwarder, ReceiveInScope
+from .readpool import ReadPool
 from .http import CorsMiddleware
 from .ops import RequestMetricsMiddleware, ops_routes
 from .routes import build_routes
@@ -84,6 +90,7 @@ def create_app(
     forward_clock: Callable[[], int] | None = None,
     doc_cache_size: int = DEFAULT_CACHE_SIZE,
     doc_cache_poll_s: float = DEFAULT_CACHE_POLL_S,
+    read_connect_kwargs: dict[str, Any] | None = None,
 ) -> Starlette:
     """The API application; give exactly one of ``pool_factory`` and ``connect_kwargs``."""
     if (pool_factory is None) == (connect_kwargs is None):
@@ -97,13 +104,17 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.pool = await open_pool()
+        replica = None
+        if read_connect_kwargs is not None:  # connects lazily: a replica down at start is fine
+            replica = await asyncpg.create_pool(min_size=0, max_size=POOL_MAX, **read_connect_kwargs)
+        app.state.read_pool = ReadPool(app.state.pool, replica)
         app.state.stream_hub = StreamHub(
-            app.state.pool,
+            app.state.read_pool,
             buffer_size=stream_buffer,
             poll_interval=stream_poll_interval,
             backfill_window_ms=stream_backfill_window_ms,
         )
-        watcher = ChangeWatcher(app.state.pool, app.state.doc_cache, doc_cache_poll_s)
+        watcher = ChangeWatcher(app.state.read_pool, app.state.doc_cache, doc_cache_poll_s)
         watcher.start()  # caching starts once its first poll succeeds
         if app.state.forward is not None:
             await app.state.forward.start(app.state.pool, app.state.doc_cache)
@@ -115,6 +126,7 @@ def create_app(
             if app.state.forward is not None:
                 await app.state.forward.close()
             await app.state.identity.aclose()
+            await app.state.read_pool.close()
             await app.state.pool.close()
 
     status = status if status is not None else NodeStatus(ingest=False, upstream=None)
@@ -134,6 +146,6 @@ def create_app(
     app.state.forward = None if forward is None else Forwarder(forward, ForwardMetrics(metrics.registry), forward_clock)
     app.state.ready_max_lag = ready_max_lag_s
     app.state.doc_cache = DocCache(doc_cache_size)
-    app.state.identity = IdentityResolver(identity_config, pool_source=lambda: app.state.pool)
+    app.state.identity = IdentityResolver(identity_config, pool_source=lambda: app.state.read_pool)
     app.state.doc_cache.listeners.append(_identity_listener(app.state.identity))
     return app

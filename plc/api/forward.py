@@ -262,7 +262,9 @@ class Forwarder:
                         did, verdict.cid, first.upstream, ",".join(first.statuses))
         if first.status == 200 and verdict.accepted is not None:
             await self._keep_pending(pool, verdict, now, first.upstream)
-            scope["app"].state.doc_cache.invalidate([did])  # read-your-write on this node
+            state = scope["app"].state
+            state.read_pool.prefer_primary(did, self.config.pending_window_s)  # not a lagging replica
+            state.doc_cache.invalidate([did])  # read-your-write on this node
         return self._relay(verdict, answers)
 
     async def _keep_pending(self, pool: Any, verdict: Verdict, now: int, upstream: str) -> None:

@@ -164,6 +164,11 @@ def _pool(scope: dict[str, Any]) -> Any:
     return scope["app"].state.pool
 
 
+def _read_pool(scope: dict[str, Any]) -> Any:
+    """Where reads go: a replica when configured, with the primary as fallback (readpool)."""
+    return scope["app"].state.read_pool
+
+
 def _version(scope: dict[str, Any]) -> str:
     return scope["app"].state.version
 
@@ -260,7 +265,7 @@ async def export(scope: dict[str, Any], _did: str | None) -> Reply:
         after = parse_js_date(after_text)
         if after is None:
             return error_reply(400, "Invalid after parameter")
-    async with _pool(scope).acquire() as conn:
+    async with _read_pool(scope).acquire() as conn:
         if sequenced:
             rows = await oplog.export_rows(conn, after, count)
         else:
@@ -280,7 +285,7 @@ async def export_stream(scope: dict[str, Any], _did: str | None) -> Reply:
 async def _load_rows(scope: dict[str, Any], did: str) -> list[render.OpRow]:
     """The DID's stored ops in audit order, with the ops accepted upstream through this mirror
     and not ingested yet merged in (plc.store.pending)."""
-    async with _pool(scope).acquire() as conn:
+    async with _read_pool(scope).for_did(did).acquire() as conn:
         return pending.merge(await oplog.did_rows(conn, did), await pending.load(conn, did))
 
 

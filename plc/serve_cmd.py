@@ -27,6 +27,7 @@ import contextlib
 import logging
 import signal
 import socket
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,7 @@ import uvloop
 
 from . import __version__, logs, settings
 from .api.app import create_app
+from .api.routes import DATABASE_UNAVAILABLE
 from .forward import config_from_args as forward_config
 from .identity.resolver import config_from_args
 from .metrics import NodeStatus
@@ -66,7 +68,8 @@ SERVE_SETTINGS = (
 )
 INGEST_RETRY_S = 30.0  # pause before ingest starts again after a failure
 PROGRESS_EVERY_S = 60.0  # how often the ingest progress line is logged
-GRACEFUL_SHUTDOWN_S = 10.0  # how long requests in flight may take after SIGTERM
+GRACEFUL_SHUTDOWN_S = 10.0
+STARTUP_DB_WAIT_S = 60.0  # how long `plc serve` waits for an unreachable database at start  # how long requests in flight may take after SIGTERM
 
 
 def register(sub: Any) -> None:
@@ -124,9 +127,23 @@ def _check_upstream_url(url: str) -> str:
         raise ServeError(str(exc)) from None
 
 
-async def _prepare_schema(connect_kwargs: dict[str, Any], embedded: bool) -> None:
+async def _connect_patiently(connect_kwargs: dict[str, Any], stop: asyncio.Event) -> Any:
+    """Connect, retrying for up to STARTUP_DB_WAIT_S while the database cannot be reached (a
+    cluster node may start while the primary fails over); then the last error propagates."""
+    deadline = time.monotonic() + STARTUP_DB_WAIT_S
+    while True:
+        try:
+            return await connect(connect_kwargs)
+        except DATABASE_UNAVAILABLE as exc:
+            if time.monotonic() >= deadline or stop.is_set():
+                raise
+            _say(f"database not reachable yet ({type(exc).__name__}: {exc}); retrying")
+            await _wait(stop, 2.0)
+
+
+async def _prepare_schema(connect_kwargs: dict[str, Any], embedded: bool, stop: asyncio.Event) -> None:
     """Embedded database: apply pending migrations. Configured database: refuse pending ones."""
-    conn = await connect(connect_kwargs)
+    conn = await _connect_patiently(connect_kwargs, stop)
     try:
         if embedded:
             await migrate(conn, log=_say)
@@ -237,7 +254,7 @@ async def _run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, on_signal, sig)
 
     async with database(args.database_url, args.data_dir, log=_say) as kwargs:
-        await _prepare_schema(kwargs, embedded=not args.database_url)
+        await _prepare_schema(kwargs, embedded=not args.database_url, stop=stop)
         if stop.is_set():
             return 0
         status = NodeStatus(ingest=not no_ingest, upstream=base)

@@ -16,8 +16,8 @@ Use them from a test module with::
 
 There is one cluster per machine at a time (fixed loopback addresses 127.0.1-4.x), so tests that
 use these fixtures must not run in parallel with each other or with a manual ``plc cluster up``.
-The mirror nodes run with ``CLUSTER_INGEST`` (first: node 1 ingests, the others serve with
---no-ingest) until `plc serve` fences ingest to one node; then it becomes "all".
+The mirror nodes run with ``CLUSTER_INGEST`` = "all": every node campaigns for the ingest lock
+(plc.sync.leader) and exactly one ingests; the others serve and stand by.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pg import remove_tree, traversable_tmpdir
 from plc.cluster.local import ClusterError, LocalCluster
 from plc.tools.generate import generate
 
-CLUSTER_INGEST = "first"
+CLUSTER_INGEST = "all"
 CLUSTER_MIRRORS = 2
 CORPUS_SEED = 5
 CORPUS_DIDS = 12
@@ -52,6 +52,23 @@ def corpus_lines() -> list[bytes]:
     span = parse_ms(last) - parse_ms(first)
     start = int(time.time() * 1000) - span - 5000
     return [line for line, _ in generate(CORPUS_SEED, CORPUS_DIDS, fmt="sequenced", invalid_rate=0.0, start_ms=start)]
+
+
+_LOOPS: dict[int, asyncio.AbstractEventLoop] = {}  # id(FakeUpstream) -> the loop serving it
+
+
+def append_live(fake: FakeUpstream, records: list) -> None:
+    """``fake.append(records)`` on the loop that serves ``fake`` (an UpstreamThread's), so that
+    open /export/stream connections are woken (asyncio.Event is not thread-safe). Returns once
+    the records are appended."""
+    loop = _LOOPS.get(id(fake))
+    if loop is None:
+        raise RuntimeError("this FakeUpstream is not served by a running UpstreamThread")
+
+    async def _append() -> None:
+        fake.append(records)
+
+    asyncio.run_coroutine_threadsafe(_append(), loop).result(10)
 
 
 class UpstreamThread:
@@ -80,9 +97,11 @@ class UpstreamThread:
         self._thread.start()
         if not self._started.wait(30) or self._error is not None:
             raise RuntimeError(f"fake upstream did not start: {self._error!r}")
+        _LOOPS[id(self.fake)] = self.loop
         return self.fake
 
     def stop(self) -> None:
+        _LOOPS.pop(id(self.fake), None)
         if self._handles is not None:
             asyncio.run_coroutine_threadsafe(stop(*self._handles), self.loop).result(15)
         self.loop.call_soon_threadsafe(self.loop.stop)

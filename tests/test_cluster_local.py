@@ -82,15 +82,22 @@ def test_up_gives_leader_two_replicas_and_mirrors_behind_haproxy(
               and x.status_code == 200 and x)  # fmt: skip
     assert r.json()["version"]
 
-    # Node 1 ingests the fake upstream through HAProxy's primary; every node then serves it.
+    # Exactly one node (the ingest-lock holder) ingests the fake upstream through HAProxy's
+    # primary; every node then serves it.
     latest = cluster_upstream.latest_seq
-    until("mirror1 to ingest the upstream", lambda: (x := get("http://127.0.4.1:2582/-/status"))
-          and x.json()["cursor"] == latest)  # fmt: skip
+    until("a leader to ingest the upstream", lambda: any(
+        (x := get(f"http://{h}:2582/-/status")) and x.json()["cursor"] == latest
+        for h in ("127.0.4.1", "127.0.4.2")))  # fmt: skip
     st = local_cluster.status()
-    assert [m["status"]["role"] for m in st["mirrors"]] == ["ingester", "reader"]
+    assert [m["status"]["role"] for m in st["mirrors"]] == ["ingester", "ingester"]
+    assert sorted(m["status"]["ingest_leader"] for m in st["mirrors"]) == [False, True]
     did = cluster_upstream.records[-1].did
     for host in ("127.0.4.1", "127.0.4.2", "127.0.3.1"):
         assert httpx.get(f"http://{host}:2582/{did}/log/audit", timeout=5).status_code == 200
+    # reads go to the replicas (HAProxy's replicas frontend), not to the primary
+    for host in ("127.0.4.1", "127.0.4.2"):
+        reads = get(f"http://{host}:2582/-/status").json()["reads"]
+        assert reads["replica_configured"] and reads["from_replica"] > 0, reads
 
     # The CLI shows the same cluster.
     out = plc("cluster", "status", "--dir", str(local_cluster.dir), "--json")
@@ -98,7 +105,8 @@ def test_up_gives_leader_two_replicas_and_mirrors_behind_haproxy(
     doc = json.loads(out.stdout)
     assert [m["name"] for m in doc["patroni"] if m["role"] == "leader"] == [leader]
     text = plc("cluster", "status", "--dir", str(local_cluster.dir))
-    assert text.returncode == 0 and "leader" in text.stdout and "ingests: yes" in text.stdout
+    assert text.returncode == 0 and "leader" in text.stdout and "ingests: yes, leader epoch" in text.stdout
+    assert "ingests: standby" in text.stdout
 
 
 @pytest.mark.slow

@@ -406,3 +406,31 @@ async def test_the_ingest_reconciles_ops_pending_upstream(pg_dsn, fake_upstream_
         assert [tuple(r) for r in left] == [(other.did, other.cid)]
     finally:
         await conn.close()
+
+
+async def test_closing_the_workers_never_waits_for_a_stuck_one(pg_dsn, pg_database):
+    """A worker stuck on a query (here: behind a lock; in production: a dead connection in a
+    partition) must not keep the ingest from stopping: close() returns at once and the worker
+    processes go away."""
+    from plc.sync.upstream import parse_line
+    from plc.sync.validation import ValidatorPool
+
+    lines = corpus(24, 5, invalid_rate=0)
+    conn = await connect(pg_dsn)
+    pool = ValidatorPool(1, pg_database.connect_kwargs)
+    try:
+        await pool.validate([parse_line(lines[0][0])])  # the worker is up and connected
+        procs = [p for ex in pool._executors for p in ex._processes.values()]
+        async with conn.transaction():
+            await conn.execute("LOCK TABLE plc_op IN ACCESS EXCLUSIVE MODE")
+            stuck = asyncio.create_task(pool.validate([parse_line(lines[1][0])]))  # a new DID: loads
+            await asyncio.sleep(0.5)
+            assert not stuck.done()
+            stuck.cancel()
+            await asyncio.wait_for(asyncio.to_thread(pool.close), 10)
+        for p in procs:
+            await asyncio.wait_for(asyncio.to_thread(p.join, 10), 15)
+            assert not p.is_alive()
+    finally:
+        pool.close()
+        await conn.close()

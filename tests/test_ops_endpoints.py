@@ -201,6 +201,7 @@ async def test_status_fields(node):
         "upstream": UPSTREAM,
         "upstream_state": "ok",
         "counters": status.counts,
+        "reads": {"replica_configured": False},
     }
 
 

@@ -227,3 +227,25 @@ def test_configuration_doc_lists_every_setting():
     assert settings.markdown_table() in doc
     for setting in settings.SETTINGS:
         assert f"`{setting.flag}`" in doc and f"`{setting.env}`" in doc
+
+
+def test_serve_waits_for_an_unreachable_database_and_stops_on_sigterm():
+    """A cluster node may start while the primary fails over: `plc serve` retries the database
+    (saying so) instead of exiting at once, and SIGTERM still ends it."""
+    port = free_port()  # nothing listens there
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "plc", "serve", "--database-url", f"postgresql://nobody@127.0.0.1:{port}/x",
+         "--no-ingest", "--port", str(free_port())],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO, text=True,
+    )
+    try:
+        time.sleep(4)
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "database not reachable yet" in err
+    assert proc.returncode == 1 and "Traceback" not in err

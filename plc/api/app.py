@@ -58,7 +58,7 @@ from .routes import build_routes
 from .stream import DEFAULT_BACKFILL_WINDOW_MS, DEFAULT_BUFFER, DEFAULT_POLL_INTERVAL, StreamHub
 from .xrpc import xrpc_routes
 
-POOL_MIN = 1
+POOL_MIN = 0  # connect lazily: a database failing over while the app starts is not fatal
 POOL_MAX = 8
 
 

@@ -7,7 +7,8 @@
                      ingest leader's lag is its own; a standby's (it waits for the ingest
                      lock) is the cluster's: from the newest createdAt in plc_cursor
     GET /-/status    JSON: version, role, whether this node is the ingest leader and its
-                     epoch, cursor, lag, newest createdAt, upstream and its state, counters
+                     epoch, cursor, lag, newest createdAt, upstream and its state, counters,
+                     and where its reads went (replica or primary fallback)
 
 `/metrics` is one path segment, which the DID routes would otherwise take; it is no did:plc,
 so no DID is shadowed. The other two live under `/-/`, which no DID route serves. These routes
@@ -70,7 +71,7 @@ async def ready(scope: dict[str, Any], _did: str | None) -> Reply:
     status = state.status
     bound = state.ready_max_lag
     standby = status.role == INGESTER and not leads(status)
-    db_error, db_high = await _database_state(state.pool, standby)
+    db_error, db_high = await _database_state(state.read_pool, standby)
     lag = lag_seconds(db_high, time.time()) if standby else status.lag_seconds()
     reasons = []
     if db_error is not None:
@@ -111,7 +112,16 @@ async def status(scope: dict[str, Any], _did: str | None) -> Reply:
         "upstream": st.upstream,
         "upstream_state": st.upstream_state,
         "counters": st.counters(),
+        "reads": _reads(state),
     })
+
+
+def _reads(state: Any) -> dict[str, Any]:
+    """Where this node's reads went: a replica (--read-database-url) or, failing that, the primary."""
+    pool = getattr(state, "read_pool", None)
+    if pool is None or pool.replica is None:
+        return {"replica_configured": False}
+    return {"replica_configured": True, "from_replica": pool.replica_reads, "fallbacks": pool.fallbacks}
 
 
 def ops_routes() -> list[BaseRoute]:

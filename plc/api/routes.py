@@ -25,11 +25,13 @@ any unexpected exception into the reference's ``500 {"message":"Internal Server 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import asyncpg
 from starlette.routing import BaseRoute, Match
 
 from plc.core import render
@@ -58,6 +60,12 @@ from .jsdate import parse_js_date
 from .stream import StreamRoute
 
 log = logging.getLogger("plc.api")
+
+# a lost or refused database connection: answered 503 (a deliberate deviation, docs/api.md)
+DATABASE_UNAVAILABLE = (
+    OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
+    asyncpg.InterfaceError, asyncpg.AdminShutdownError,
+)
 
 DID = None  # a shape element standing for the :did segment
 Handler = Callable[[dict[str, Any], str | None], Awaitable[Reply]]
@@ -126,6 +134,10 @@ class PlcRoute(BaseRoute):
                 reply = await self.handler(scope, did)
         except ParamDecodeError as exc:
             reply = error_reply(400, str(exc))
+        except DATABASE_UNAVAILABLE as exc:  # not a bug here: the database is failing over or cut off
+            log.warning("%s %s: database unavailable: %s: %s", scope.get("method"), self.name,
+                        type(exc).__name__, exc)
+            reply = error_reply(503, "Service Unavailable")
         except Exception:
             log.exception("%s %s failed", scope.get("method"), self.name)
             reply = error_reply(500, "Internal Server Error")
@@ -230,7 +242,7 @@ async def health(scope: dict[str, Any], _did: str | None) -> Reply:
     """``{"version":…}`` after ``select 1`` succeeds; 503 with ``"error"`` when it does not."""
     version = _version(scope)
     try:
-        async with _pool(scope).acquire(timeout=HEALTH_TIMEOUT) as conn:
+        async with _read_pool(scope).acquire(timeout=HEALTH_TIMEOUT) as conn:
             await conn.fetchval("select 1", timeout=HEALTH_TIMEOUT)
     except Exception:
         log.warning("health check failed", exc_info=True)

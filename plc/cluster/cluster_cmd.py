@@ -109,8 +109,12 @@ def format_status(st: dict[str, Any]) -> str:
             out.append(f"  {m['name']:<8} {m['host']:<10} not answering")
             continue
         lag = s.get("lag_seconds")
+        if s.get("ingest_leader"):
+            ingests = f"yes, leader epoch {s.get('ingest_epoch')}"
+        else:
+            ingests = "standby" if s.get("role") == "ingester" else "no"
         out.append(f"  {m['name']:<8} {m['host']:<10} {'ready' if m['ready'] else 'NOT READY':<9} role {s.get('role')}"
-                   f" (ingests: {'yes' if s.get('role') == 'ingester' else 'no'}) cursor {s.get('cursor')}"
+                   f" (ingests: {ingests}) cursor {s.get('cursor')}"
                    f" lag {'-' if lag is None else f'{lag:.0f}s'}")  # fmt: skip
     out.append("endpoints: " + ", ".join(f"{k} {v}" for k, v in st["endpoints"].items()))
     return "\n".join(out)

@@ -236,12 +236,14 @@ class LocalCluster:
             pg_bin_dir=str(_pg_bin_dir()),
         )
 
-    def app_url(self, secrets_: dict[str, str] | None = None) -> str:
-        """The application's database URL through HAProxy's primary frontend."""
+    def app_url(self, secrets_: dict[str, str] | None = None, *, replicas: bool = False) -> str:
+        """The application's database URL through HAProxy's primary frontend (or, with
+        ``replicas``, its replicas frontend: replicas within the lag bound)."""
         s = secrets_ or self._load_secrets()
         t = self.topology(s)
+        port = t.haproxy_replicas_port if replicas else t.haproxy_primary_port
         return (f"postgresql://{t.app.name}:{quote(t.app.password, safe='')}@{HAPROXY_HOST}:"
-                f"{t.haproxy_primary_port}/{t.app.database}")  # fmt: skip
+                f"{port}/{t.app.database}")  # fmt: skip
 
     @property
     def mirror_url(self) -> str:
@@ -271,6 +273,81 @@ class LocalCluster:
 
     def running(self) -> list[Proc]:
         return [p for p in self._load_state() if p.alive()]
+
+    # ---- drills: stop and start one process (tests/test_failover_drills.py, bench/drills.py) ----
+
+    def process(self, name: str) -> Proc | None:
+        """The recorded process ``name`` (etcd1, pg2, haproxy, mirror1, ...), alive or not."""
+        return next((p for p in self._load_state() if p.name == name), None)
+
+    def postmaster_pids(self, name: str) -> list[int]:
+        """The postmaster of PostgreSQL node ``name`` (from its postmaster.pid, checked by command
+        line: ha-notes F7) followed by its live children; [] when it does not run."""
+        pidfile = self._path("data", name, "postmaster.pid")
+        try:
+            pid = int(pidfile.read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return []
+        args = _cmdline(pid)
+        if "-D" not in args or os.path.realpath(args[args.index("-D") + 1]) != os.path.realpath(pidfile.parent):
+            return []
+        children = []
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    stat = Path(f"/proc/{entry.name}/stat").read_text()
+                    if int(stat[stat.rfind(")") + 2 :].split()[1]) == pid:
+                        children.append(int(entry.name))
+        return [pid, *children]
+
+    def kill_node(self, name: str, sig: int = signal.SIGKILL, *, postgres: bool = True) -> list[int]:
+        """Send ``sig`` (default SIGKILL) to the recorded process ``name``; for a PostgreSQL node
+        (pgN) also, at the same moment, to its postmaster and the postmaster's children unless
+        ``postgres`` is False (Patroni double-forks the postmaster: killing Patroni alone leaves
+        PostgreSQL running, ha-notes §2). Returns the PIDs signalled."""
+        proc = self.process(name)
+        if proc is None:
+            raise ClusterError(f"no process named {name!r} in {self.state_path}")
+        pids = [proc.pid] if proc.alive() else []
+        if postgres and name.startswith("pg"):
+            pids += self.postmaster_pids(name)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        return pids
+
+    def restart_node(self, name: str, *, cgroup: str | os.PathLike[str] | None = None) -> Proc:
+        """Start the recorded process ``name`` again with the argv it was first started with (a
+        killed Patroni rejoins; a restarted etcd member rejoins with its data). With ``cgroup``
+        (a cgroup v2 directory) the new process is moved into it right after it is forked,
+        before it opens any socket. Raises ClusterError if it still runs."""
+        procs = self._load_state()
+        old = next((p for p in procs if p.name == name), None)
+        if old is None:
+            raise ClusterError(f"no process named {name!r} in {self.state_path}")
+        if old.alive():
+            raise ClusterError(f"{name} (pid {old.pid}) still runs: kill it first")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "PLC_"))}
+        if Path(old.argv[0]).name == "setpriv":
+            owner = pwd.getpwnam(RUN_AS)
+            env.update(HOME=owner.pw_dir, USER=RUN_AS, LOGNAME=RUN_AS, LC_ALL="C.UTF-8")
+        cwd = self._path("data", name) if name.startswith("mirror") else self.dir
+        with open(old.log, "ab") as out:
+            p = subprocess.Popen(old.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                 cwd=cwd, env=env, start_new_session=True)  # fmt: skip
+        if cgroup is not None:
+            Path(cgroup, "cgroup.procs").write_text(str(p.pid))
+        new = Proc(name, p.pid, _start_time(p.pid), old.argv, old.log)
+        self._save_state([new if q.name == name else q for q in procs])
+        self._log(f"restarted {name} (pid {p.pid})")
+        return new
+
+    def patronictl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run ``patronictl -c <pg1's config> ARGS`` from the Patroni venv (as root: it only reads
+        the config and talks to etcd and the REST APIs)."""
+        venv = find_patroni_venv(self._patroni_venv_arg)
+        return subprocess.run([str(venv / "bin" / "patronictl"), "-c", str(self._path("cfg", "pg1.yml")), *args],
+                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
     # ---- up --------------------------------------------------------------------------------
 
@@ -419,8 +496,9 @@ class LocalCluster:
             mdir = self._path("data", m.name)
             mdir.mkdir(mode=0o755)
             argv = [self.python, "-m", "plc", "serve", "--database-url", url, "--data-dir", str(mdir),
+                    "--read-database-url", self.app_url(sec, replicas=True),
                     "--host", m.host, "--port", str(m.port), "--upstream", self.upstream,
-                    "--ready-max-lag", str(max_lag)]  # fmt: skip
+                    "--ready-max-lag", str(max_lag), "--node-name", m.name]  # fmt: skip
             if self.ingest == "none" or (self.ingest == "first" and i > 0):
                 argv.append("--no-ingest")
             mirror_procs.append(spawn(m.name, argv, cwd=mdir))

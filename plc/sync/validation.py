@@ -54,6 +54,8 @@ REJECT = "reject"
 
 Outcome = tuple[Any, ...]
 _PR_SET_PDEATHSIG = 1
+WORKER_CONNECT_TIMEOUT_S = 10.0
+WORKER_QUERY_TIMEOUT_S = 60.0  # a state load that takes longer is a dead connection
 DEFAULT_CACHE_DIDS = 100_000
 
 
@@ -137,7 +139,10 @@ def _worker_init(parent: int, connect_kwargs: dict[str, Any], cache_dids: int) -
 
     loop = asyncio.new_event_loop()
     _worker["loop"] = loop
-    _worker["conn"] = loop.run_until_complete(asyncpg.connect(**connect_kwargs))
+    _worker["conn"] = loop.run_until_complete(
+        asyncpg.connect(**{"timeout": WORKER_CONNECT_TIMEOUT_S, "command_timeout": WORKER_QUERY_TIMEOUT_S,
+                           **connect_kwargs})
+    )
     _worker["validator"] = Validator(cache_dids)
 
 
@@ -193,8 +198,15 @@ class ValidatorPool:
         return out
 
     def close(self) -> None:
+        """Stop the workers at once, never waiting for them: a worker may be stuck on a query
+        over a dead database connection (a partition), and the caller must stop ingesting
+        now. Workers are terminated (SIGTERM, and the executor reaps them)."""
         for ex in self._executors:
-            ex.shutdown(wait=True, cancel_futures=True)
+            processes = list((getattr(ex, "_processes", None) or {}).values())
+            ex.shutdown(wait=False, cancel_futures=True)
+            for proc in processes:
+                with contextlib.suppress(Exception):
+                    proc.terminate()
 
 
 __all__ = ["CONFLICT", "OK", "REJECT", "SKIP", "Validator", "ValidatorPool", "shard_of"]

@@ -171,8 +171,15 @@ async def _ingest_once(job: IngestJob, stop: asyncio.Event, fence: Callable[[Any
             await run_with_progress(ing, stop, _say, "ingest", PROGRESS_EVERY_S)
             _say(f"ingest stopped at cursor {ing.cursor} ({ing.accepted} ops accepted)")
     finally:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(conn.close(), 10)
+        await _close_or_drop(conn)
+
+
+async def _close_or_drop(conn: Any) -> None:
+    """Close gracefully if the server answers within 2 s, else drop the socket (a partition)."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(conn.close(), 2)
+    if not conn.is_closed():
+        conn.terminate()
 
 
 async def _first(*aws: Any, timeout: float | None = None) -> set[Any]:
@@ -209,8 +216,13 @@ async def _ingest_forever(job: IngestJob, stop: asyncio.Event, leadership: Inges
                     )
                     done = await _first(ingest, watcher)
                     if watcher in done:
-                        await _cancel(ingest)  # the batch in flight is rolled back
-                        watcher.result()  # raises LostLeadership
+                        ingest.cancel()  # at once: the batch in flight is rolled back
+                        lost = watcher.exception() or LostLeadership("the lock's watch ended")
+                        status.standby()  # before the cleanup, which may wait on a dead connection
+                        status.failed(f"lost ingest leadership: {lost}")
+                        _say(f"ingest: {node} lost leadership (epoch {epoch}): {lost}; stopped ingesting")
+                        await _cancel(ingest)
+                        raise lost
                     try:
                         ingest.result()
                     except (Deposed, LostLeadership):
@@ -221,8 +233,10 @@ async def _ingest_forever(job: IngestJob, stop: asyncio.Event, leadership: Inges
                         if watcher in await _first(watcher, stopped, timeout=INGEST_RETRY_S):
                             watcher.result()
             except (Deposed, LostLeadership) as exc:
-                status.failed(f"lost ingest leadership: {exc}")
-                _say(f"ingest: {node} lost leadership (epoch {epoch}): {exc}")
+                if status.ingest_leader:  # not already said when the watch failed
+                    status.standby()
+                    status.failed(f"lost ingest leadership: {exc}")
+                    _say(f"ingest: {node} lost leadership (epoch {epoch}): {exc}")
             finally:
                 await _cancel(watcher)
                 await leadership.release()

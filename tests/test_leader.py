@@ -197,3 +197,48 @@ async def test_plc_sync_waits_while_another_process_holds_the_ingest_lock(pg_dat
         await holder.release()
     assert b"waiting for the ingest lock" in err, err.decode()
     await assert_matches_truth(db, lines, fake.url)
+
+
+async def test_a_leader_whose_lock_session_dies_stops_and_campaigns_again(pg_database, db, fake_upstream_factory):
+    """The lock's session is killed under a leading node: it stops ingesting (standby at once,
+    the reason in its status), campaigns again, and leads a new epoch without losing an op."""
+    lines = corpus(33, 200)
+    fake = await fake_upstream_factory([record_from_line(line) for line, _, _ in lines])
+    transitions: list[int | None] = []
+
+    class Recording(NodeStatus):
+        def lead(self, epoch: int) -> None:
+            transitions.append(epoch)
+            super().lead(epoch)
+
+        def standby(self) -> None:
+            if self.leader_epoch is not None:
+                transitions.append(None)
+            super().standby()
+
+    status = Recording(ingest=True, upstream=fake.url)
+    stop = asyncio.Event()
+    job = serve_cmd.IngestJob(pg_database.connect_kwargs, fake.url, status, lambda _d: status.committed(), node="solo")
+    task = asyncio.create_task(serve_cmd._ingest_forever(job, stop, leadership=leadership(pg_database, "solo")))
+    try:
+        async def leads(epoch: int) -> bool:
+            return status.leader_epoch == epoch
+
+        await until(lambda: leads(1), "never led")
+        await db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND objid = $1",
+            LOCK_KEY & 0xFFFFFFFF,
+        )
+        await until(lambda: leads(2), "never led again")
+        assert transitions == [1, None, 2]  # it stood by in between
+        assert status.last_error is None or "lost ingest leadership" in status.last_error
+
+        async def caught_up() -> bool:
+            c = await oplog.get_cursor(db, fake.url)
+            return c is not None and c.seq == fake.latest_seq
+
+        await until(caught_up, "did not catch up", timeout=60)
+        await assert_matches_truth(db, lines, fake.url)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)

@@ -3,9 +3,8 @@
 # commands to write the inventory, bring the test hosts up, run the playbook, and (on
 # destroy) take the hosts down.
 #
-# NOT WIRED YET: the default commands name ansible/scripts/hosts-up, hosts-down and
-# ansible/site.yml, which do not exist yet (see terraform/README.md). Until they do,
-# `terraform apply` here fails at the first command.
+# The default commands are ansible/scripts/hosts-up (namespace test hosts on this
+# machine), ansible/site.yml and ansible/scripts/hosts-down (see terraform/README.md).
 
 locals {
   repo_root      = abspath("${path.module}/../..")

@@ -33,7 +33,7 @@ variable "admin_cidrs" {
 }
 
 ################################################################################
-# Commands (the Ansible side does not exist yet: see terraform/README.md)
+# Commands (ansible/scripts/hosts-up, ansible/site.yml, ansible/scripts/hosts-down)
 ################################################################################
 
 variable "up_command" {
@@ -50,7 +50,7 @@ variable "up_command" {
 variable "playbook_command" {
   description = "Shell command, run from the repository root after up_command, that provisions the hosts. Same environment as up_command."
   type        = string
-  default     = "ansible-playbook -i \"$PLC_INVENTORY\" ansible/site.yml"
+  default     = "ANSIBLE_CONFIG=ansible/ansible.cfg ansible-playbook -i \"$PLC_INVENTORY\" ansible/site.yml"
 
   validation {
     condition     = length(trimspace(var.playbook_command)) > 0

@@ -145,7 +145,7 @@ DOC_CACHE_SIZE = Setting(
     "PLC_DOC_CACHE_SIZE",
     "20000",
     "DIDs whose ops and rendered replies `plc serve` keeps in memory (least recently used dropped "
-    "first; 0: no cache). Dropped at once when this node stores an op of the DID, within 0.1 s "
+    "first; 0: no cache). Dropped at once when this node stores an op of the DID, within 0.05 s "
     "when another node does.",
     kind="count",
 )

@@ -27,6 +27,7 @@ Fault knobs (plain attributes and methods of `FakeUpstream`, changeable while it
 from __future__ import annotations
 
 import asyncio
+import bisect
 import re
 import socket
 import time
@@ -127,6 +128,10 @@ def parse_js_date(text: str) -> int | None:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
     return int(dt.timestamp() * 1000)
+
+
+def _seq_of(record: FakeRecord) -> int:
+    return record.seq
 
 
 class FakeUpstream:
@@ -274,7 +279,8 @@ class FakeUpstream:
         try:
             while True:
                 self._changed.clear()
-                for record in self._expand([r for r in self.records if r.seq > last]):
+                start = bisect.bisect_right(self.records, last, key=_seq_of)  # records are in seq order
+                for record in self._expand(self.records[start:]):
                     if fault is not None and sent >= fault.after:
                         if fault.reason is None:
                             raise _Drop("fault: disconnect mid-stream")

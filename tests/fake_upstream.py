@@ -306,14 +306,13 @@ def record_from_line(line: bytes) -> FakeRecord:
                       bool(obj.get("nullified", False)))
 
 
-async def serve(fake: FakeUpstream) -> tuple[uvicorn.Server, asyncio.Task]:
-    """Start uvicorn for `fake` on 127.0.0.1 (a free port) in the running loop; sets `fake.url`."""
+async def serve_app(app: Any, **config: Any) -> tuple[uvicorn.Server, asyncio.Task, str]:
+    """Start uvicorn for `app` on 127.0.0.1 (a free port) in the running loop; returns the
+    server, its task and its base URL. `config`: uvicorn.Config options (lifespan, ws, …)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(fake.app, log_level="critical", lifespan="off", ws="websockets-sansio",
-                            timeout_graceful_shutdown=1, ws_ping_interval=None)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", timeout_graceful_shutdown=1, **config))
     task = asyncio.ensure_future(server.serve(sockets=[sock]))
     for _ in range(500):
         if server.started:
@@ -322,7 +321,12 @@ async def serve(fake: FakeUpstream) -> tuple[uvicorn.Server, asyncio.Task]:
             task.result()
         await asyncio.sleep(0.01)
     host, port = sock.getsockname()[:2]
-    fake.url = f"http://{host}:{port}"
+    return server, task, f"http://{host}:{port}"
+
+
+async def serve(fake: FakeUpstream) -> tuple[uvicorn.Server, asyncio.Task]:
+    """Start uvicorn for `fake` on 127.0.0.1 (a free port) in the running loop; sets `fake.url`."""
+    server, task, fake.url = await serve_app(fake.app, lifespan="off", ws="websockets-sansio", ws_ping_interval=None)
     return server, task
 
 

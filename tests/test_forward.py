@@ -26,7 +26,7 @@ from plc.store import oplog, pending
 from plc.store.migrate import migrate
 
 from fake_submit_upstream import MISORDERED, FakeSubmitUpstream, Step
-from fake_upstream import serve, stop
+from fake_upstream import serve, serve_app, stop
 from plcdata import HOUR, bad_sig_message, genesis, k256, sign, tombstone, update
 
 UP_NAME = "http://sync-upstream.test"
@@ -63,18 +63,7 @@ class Mirror:
 
 
 async def _serve_app(app: Any) -> tuple[uvicorn.Server, asyncio.Task, str]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="on", timeout_graceful_shutdown=1))
-    task = asyncio.ensure_future(server.serve(sockets=[sock]))
-    for _ in range(500):
-        if server.started:
-            break
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    host, port = sock.getsockname()[:2]
-    return server, task, f"http://{host}:{port}"
+    return await serve_app(app, lifespan="on")
 
 
 async def _seed(dsn: str, ops: list[tuple[str, dict, int]]) -> dict[str, DidLog]:

@@ -74,7 +74,7 @@ import httpx  # noqa: E402
 from _machine import describe  # noqa: E402
 from cluster_fixtures import append_live, cluster_is_healthy  # noqa: E402
 from fake_upstream import FakeRecord, FakeUpstream, record_from_line  # noqa: E402
-from plc.cluster.local import HAPROXY_HOST, MIRROR_PORT, PG_HOSTS, ClusterError, LocalCluster  # noqa: E402
+from plc.cluster.local import HAPROXY_HOST, MIRROR_PORT, PG_HOSTS, LocalCluster  # noqa: E402
 from plc.tools.generate import generate  # noqa: E402
 
 RATE = 20.0  # ops/s revealed upstream

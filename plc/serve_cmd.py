@@ -44,7 +44,7 @@ from .identity.resolver import config_from_args
 from .metrics import NodeStatus
 from .store.database import connect, database
 from .store.embedded import EmbeddedPostgresError
-from .store.migrate import MigrationError, migrate, pending
+from .store.migrate import MigrationError, migrate, require_current
 from .sync.ingest import Ingestor, run_with_progress
 from .sync.leader import Deposed, IngestLeadership, LostLeadership
 from .sync.upstream import Upstream, check_upstream_url
@@ -148,10 +148,7 @@ async def _prepare_schema(connect_kwargs: dict[str, Any], embedded: bool, stop: 
         if embedded:
             await migrate(conn, log=_say)
             return
-        todo = await pending(conn)
-        if todo:
-            names = ", ".join(f"{m.version:04d}_{m.name}" for m in todo)
-            raise ServeError(f"the database schema is not up to date (pending: {names}); run `plc migrate` first")
+        await require_current(conn)
     finally:
         await conn.close()
 

@@ -89,6 +89,15 @@ async def pending(conn: Any) -> list[Migration]:
     return _check_history(await applied(conn), available())
 
 
+async def require_current(conn: Any) -> None:
+    """Raise MigrationError (one line, naming them) unless every migration is applied: what
+    `plc serve`, `plc sync` and `plc audit` refuse to run on."""
+    todo = await pending(conn)
+    if todo:
+        names = ", ".join(f"{m.version:04d}_{m.name}" for m in todo)
+        raise MigrationError(f"the database schema is not up to date (pending: {names}); run `plc migrate` first")
+
+
 async def migrate(conn: Any, log: Any = None) -> list[Migration]:
     """Apply every pending migration on ``conn`` (an asyncpg connection); returns them."""
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)

@@ -23,7 +23,7 @@ import orjson
 from .. import logs, settings
 from ..store.database import connect, database
 from ..store.embedded import EmbeddedPostgresError
-from ..store.migrate import MigrationError, pending
+from ..store.migrate import MigrationError, require_current
 from .audit import AuditError, AuditReport, audit
 from .upstream import Upstream, UpstreamError, check_upstream_url
 
@@ -79,12 +79,7 @@ async def _run(args: argparse.Namespace) -> AuditReport:
     async with database(args.database_url, args.data_dir, log=say) as kwargs:
         conn = await connect(kwargs)
         try:
-            todo = await pending(conn)
-            if todo:
-                names = ", ".join(f"{m.version:04d}_{m.name}" for m in todo)
-                raise AuditCmdError(
-                    f"the database schema is not up to date (pending: {names}); run `plc migrate` first"
-                )
+            await require_current(conn)
             async with Upstream(base) as up:
                 report = await audit(conn, up, upstream_name=base, start=args.start, end=args.end,
                                      stop=stop, max_pages=args.max_pages, on_page=_progress)

@@ -19,7 +19,7 @@ import asyncpg
 from .. import logs, settings
 from ..store.database import connect, database
 from ..store.embedded import EmbeddedPostgresError
-from ..store.migrate import MigrationError, pending
+from ..store.migrate import MigrationError, require_current
 from ..core.jsonfmt import format_ms
 from .ingest import LEGACY, Ingestor, run_with_progress
 from .leader import Deposed, IngestLeadership, LostLeadership
@@ -71,12 +71,7 @@ async def _run(args: argparse.Namespace) -> int:
     async with database(args.database_url, args.data_dir, log=_say) as kwargs:
         conn = await connect(kwargs)
         try:
-            todo = await pending(conn)
-            if todo:
-                names = ", ".join(f"{m.version:04d}_{m.name}" for m in todo)
-                raise SyncError(
-                    f"the database schema is not up to date (pending: {names}); run `plc migrate` first"
-                )
+            await require_current(conn)
             leadership = IngestLeadership(kwargs, f"plc sync {socket.gethostname()} pid {os.getpid()}")
             try:
                 if await _lead(leadership, stop) is None:

@@ -61,7 +61,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 ROOT = Path(__file__).resolve().parents[1]
 for _p in (ROOT, ROOT / "tests", ROOT / "bench"):
@@ -109,10 +109,34 @@ def _http_status(url: str) -> int:
         return 0
 
 
+# ---------------------------------------------------------------------------- background threads
+
+
+class Background:
+    """A daemon thread running ``self._run`` until ``stop()`` (which sets ``self._stop``)."""
+
+    join_s = 15.0
+
+    def __init__(self, name: str) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(self.join_s)
+
+
 # ---------------------------------------------------------------------------- upstream appender
 
 
-class Appender:
+class Appender(Background):
     """Reveals valid ops upstream at ``rate`` per second from a lazily generated corpus (seqs
     continue above the upstream's latest; createdAt = the moment of revealing)."""
 
@@ -122,18 +146,9 @@ class Appender:
         self.base = fake.latest_seq
         self._source = (line for line, truth in generate(seed, APPENDER_DIDS, fmt="sequenced", invalid_rate=0.0)
                         if truth["valid"])  # fmt: skip
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="drill-appender", daemon=True)
         self.appended = 0
         self.error: BaseException | None = None
-
-    def start(self) -> Appender:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(15)
+        super().__init__("drill-appender")
 
     def _next(self, last_ms: int) -> FakeRecord:
         rec = record_from_line(next(self._source))
@@ -174,23 +189,16 @@ class Read:
     detail: str
 
 
-class Reader:
+class Reader(Background):
     """GET /<did> through HAProxy's mirror port in a loop, retrying once on failure."""
+
+    join_s = 30.0
 
     def __init__(self, base: str, dids: list[str]) -> None:
         self.base = base
         self.dids = dids
         self.reads: list[Read] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="drill-reader", daemon=True)
-
-    def start(self) -> Reader:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(30)
+        super().__init__("drill-reader")
 
     def _get(self, client: httpx.Client, did: str) -> tuple[bool, str]:
         try:
@@ -234,22 +242,13 @@ class Sample:
     epoch: int | None
 
 
-class Sampler:
+class Sampler(Background):
     """Polls every mirror node's /-/status every SAMPLE_S seconds."""
 
     def __init__(self, mirrors: list[tuple[str, str]]) -> None:
         self.mirrors = mirrors  # (name, base url)
         self.samples: list[Sample] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="drill-sampler", daemon=True)
-
-    def start(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(15)
+        super().__init__("drill-sampler")
 
     def _run(self) -> None:
         with httpx.Client(timeout=1.0) as client:

@@ -137,16 +137,21 @@ def cluster_is_healthy(cluster: LocalCluster) -> bool:
     return bool(procs) and all(p.alive() for p in procs) and cluster._patroni_healthy()
 
 
+def ensure_healthy(cluster: LocalCluster) -> LocalCluster:
+    """The cluster, (re)started when it is not healthy; fails the test when it cannot start."""
+    if not cluster_is_healthy(cluster):
+        cluster.down()
+        try:
+            cluster.up()
+        except ClusterError as exc:
+            cluster.down()
+            pytest.fail(f"cannot start the local cluster: {exc}", pytrace=False)
+    return cluster
+
+
 @pytest.fixture
 def local_cluster(cluster_session: LocalCluster) -> LocalCluster:
-    if not cluster_is_healthy(cluster_session):
-        cluster_session.down()
-        try:
-            cluster_session.up()
-        except ClusterError as exc:
-            cluster_session.down()
-            pytest.fail(f"cannot start the local cluster: {exc}", pytrace=False)
-    return cluster_session
+    return ensure_healthy(cluster_session)
 
 
 def leftovers(directory: Path) -> list[str]:

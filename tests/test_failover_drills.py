@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster_fixtures import cluster_is_healthy, cluster_session, cluster_upstream  # noqa: F401
+from cluster_fixtures import cluster_session, cluster_upstream, ensure_healthy  # noqa: F401
 from fake_upstream import FakeUpstream
-from plc.cluster.local import ClusterError, LocalCluster
+from plc.cluster.local import LocalCluster
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import drills  # noqa: E402
@@ -35,13 +35,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def harness(cluster_session: LocalCluster, cluster_upstream: FakeUpstream) -> Iterator[drills.Harness]:
-    if not cluster_is_healthy(cluster_session):
-        cluster_session.down()
-        try:
-            cluster_session.up()
-        except ClusterError as exc:
-            cluster_session.down()
-            pytest.fail(f"cannot start the local cluster: {exc}", pytrace=False)
+    ensure_healthy(cluster_session)
     h = drills.Harness(cluster_session, cluster_upstream, log=lambda s: print(f"drill: {s}", flush=True))
     try:
         h.start()

@@ -22,8 +22,8 @@ from fake_upstream import fake_upstream_factory, record_from_line  # noqa: F401
 from plc.store import oplog
 from plc.store.migrate import migrate
 from plc.sync.ingest import BACKDATED, REJECTED, SEQ_REGRESSION, Ingestor
-from plc.sync.upstream import Upstream
 from plc.tools.generate import generate
+from test_upstream import upstream  # noqa: F401 - the fast-retry Upstream, also for importers
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -34,14 +34,6 @@ def corpus(seed: int, dids: int, invalid_rate: float = 0.1) -> list[tuple[bytes,
     """(line, truth, seq) for every line of a generated sequenced export."""
     return [(line, truth, orjson.loads(line)["seq"])
             for line, truth in generate(seed, dids, fmt="sequenced", invalid_rate=invalid_rate)]
-
-
-def upstream(fake, **kw) -> Upstream:
-    kw.setdefault("backoff_initial_s", 0.01)
-    kw.setdefault("backoff_max_s", 0.05)
-    kw.setdefault("poll_interval_s", 0.05)
-    kw.setdefault("max_retry_s", 10)
-    return Upstream(fake.url, **kw)
 
 
 async def connect(pg_dsn: str) -> asyncpg.Connection:

@@ -91,6 +91,11 @@ def test_up_gives_leader_two_replicas_and_mirrors_behind_haproxy(
     st = local_cluster.status()
     assert [m["status"]["role"] for m in st["mirrors"]] == ["ingester", "ingester"]
     assert sorted(m["status"]["ingest_leader"] for m in st["mirrors"]) == [False, True]
+    # HAProxy starts its servers UP, marks them down while /-/ready fails before the first ingest
+    # (fall 2) and back up after two passes (rise 2): wait for both to be in rotation again.
+    until("both mirrors UP in HAProxy", lambda: sorted(
+        r["server"] for r in local_cluster.status()["haproxy"]
+        if r["proxy"] == "mirror" and r["status"] == "UP") == ["mirror1", "mirror2"])  # fmt: skip
     did = cluster_upstream.records[-1].did
     for host in ("127.0.4.1", "127.0.4.2", "127.0.3.1"):
         assert httpx.get(f"http://{host}:2582/{did}/log/audit", timeout=5).status_code == 200

@@ -21,11 +21,14 @@ from plc.cluster.render import HealthError, Node, TemplateError, Topology, User
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def topology(tmp: Path, *, etcd_hosts=("127.0.2.1", "127.0.2.2", "127.0.2.3"), etcd_port=2379) -> Topology:
+def topology(tmp: Path, *, etcd_hosts=("127.0.2.1", "127.0.2.2", "127.0.2.3"), etcd_port=2379,
+             backup: render.Backup | None = None) -> Topology:  # fmt: skip
     return Topology(
         etcd=[Node(f"etcd{i}", h, data_dir=str(tmp / f"etcd{i}")) for i, h in enumerate(etcd_hosts, 1)],
         postgres=[Node(f"pg{i}", f"127.0.1.{i}", data_dir=str(tmp / f"pg{i}"), socket_dir=str(tmp / f"s{i}"),
-                       pgpass=str(tmp / f"s{i}" / "pgpass")) for i in (1, 2, 3)],  # fmt: skip
+                       pgpass=str(tmp / f"s{i}" / "pgpass"), backup_config=str(tmp / f"pgbackrest-pg{i}.conf"))
+                  for i in (1, 2, 3)],  # fmt: skip
+        backup=backup,
         mirrors=[Node(f"mirror{i}", f"127.0.4.{i}", port=2582) for i in (1, 2)],
         haproxy_host="127.0.3.1", haproxy_pidfile=str(tmp / "haproxy.pid"),
         haproxy_stats_socket=str(tmp / "haproxy.sock"),
@@ -136,11 +139,13 @@ def listening_etcd_stand_ins() -> tuple[list[socket.socket], int]:
     return socks, port
 
 
-def test_patroni_config_passes_validate_config(tmp_path: Path, health: dict) -> None:
+@pytest.mark.parametrize("with_backup", [False, True])
+def test_patroni_config_passes_validate_config(tmp_path: Path, health: dict, with_backup: bool) -> None:
     venv = find_patroni_venv()
     socks, port = listening_etcd_stand_ins()
     try:
-        t = topology(tmp_path, etcd_hosts=("127.0.9.1", "127.0.9.2", "127.0.9.3"), etcd_port=port)
+        t = topology(tmp_path, etcd_hosts=("127.0.9.1", "127.0.9.2", "127.0.9.3"), etcd_port=port,
+                     backup=render.Backup(str(tmp_path / "repo")) if with_backup else None)  # fmt: skip
         for node in t.postgres:
             cfg = tmp_path / f"{node.name}.yml"
             cfg.write_text(render.render_patroni(t, node, health))
@@ -166,7 +171,64 @@ def test_patroni_config_values(tmp_path: Path, health: dict) -> None:
     assert f"data_dir: {tmp_path / 'pg2'}\n" in text
 
 
+def test_patroni_config_archives_wal_only_with_a_backup(tmp_path: Path, health: dict) -> None:
+    plain = render.render_patroni(topology(tmp_path), topology(tmp_path).postgres[0], health)
+    assert "archive_" not in plain and "restore_command" not in plain and "pgbackrest" not in plain
+    t = topology(tmp_path, backup=render.Backup(str(tmp_path / "repo"), stanza="st", archive_timeout=30))
+    text = render.render_patroni(t, t.postgres[1], health)
+    conf = tmp_path / "pgbackrest-pg2.conf"
+    params = text[text.index("\n  parameters:\n") :]  # the node's own postgresql.parameters
+    for line in ('    archive_mode: "on"', "    archive_timeout: 30",
+                 f'    archive_command: "/usr/bin/pgbackrest --config={conf} --stanza=st archive-push %p"'):  # fmt: skip
+        assert f"\n{line}\n" in params, line
+    assert (f'\n  recovery_conf:\n    restore_command: "/usr/bin/pgbackrest --config={conf} --stanza=st '
+            'archive-get %f \\"%p\\""\n') in text  # fmt: skip
+
+
+def test_pgbackrest_config_for_a_shared_directory(tmp_path: Path, health: dict) -> None:
+    repo = tmp_path / "repo"
+    t = topology(tmp_path, backup=render.Backup(str(repo), log_dir=str(tmp_path / "log"),
+                                                lock_dir=str(tmp_path / "lock")))  # fmt: skip
+    text = render.render_pgbackrest(t, t.postgres[2], health)
+    assert not re.search(r"{{|}}|{%|%}", text)
+    assert "repo1-type" not in text and "cipher" not in text
+    for line in (f"repo1-path={repo}", "repo1-retention-full=2", "compress-type=zst", "[plc]",
+                 f"pg1-path={tmp_path / 'pg3'}", f"pg1-socket-path={tmp_path / 's3'}", "pg1-port=5432",
+                 "pg1-user=postgres"):  # fmt: skip
+        assert f"\n{line}\n" in text, line
+    # pgBackRest itself reads it: `info` on the empty repository parses every option
+    if shutil.which("pgbackrest"):
+        repo.mkdir()
+        conf = tmp_path / "pgbackrest.conf"
+        conf.write_text(text)
+        r = subprocess.run(["pgbackrest", f"--config={conf}", "--output=json", "info"], capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert json.loads(r.stdout) == []
+
+
+def test_pgbackrest_config_for_s3_with_encryption(tmp_path: Path, health: dict) -> None:
+    b = render.Backup("/plc", cipher_pass="c1pher", s3_bucket="bkt", s3_endpoint="fsn1.your-objectstorage.com",
+                      s3_region="fsn1", s3_key="AK", s3_key_secret="SK")  # fmt: skip
+    t = topology(tmp_path, backup=b)
+    text = render.render_pgbackrest(t, t.postgres[0], health)
+    for line in ("repo1-type=s3", "repo1-s3-bucket=bkt", "repo1-s3-endpoint=fsn1.your-objectstorage.com",
+                 "repo1-s3-region=fsn1", "repo1-s3-key=AK", "repo1-s3-key-secret=SK", "repo1-s3-uri-style=path",
+                 "repo1-path=/plc", "repo1-cipher-type=aes-256-cbc", "repo1-cipher-pass=c1pher"):  # fmt: skip
+        assert f"\n{line}\n" in text, line
+
+
+def test_pgbackrest_needs_backup_settings(tmp_path: Path, health: dict) -> None:
+    t = topology(tmp_path)
+    with pytest.raises(ValueError, match="no backup settings"):
+        render.render_pgbackrest(t, t.postgres[0], health)
+
+
 @pytest.mark.parametrize("change, message", [
+    ({"backup": render.Backup("relative/repo")}, "must be absolute"),
+    ({"backup": render.Backup("/repo", retention_full=0)}, "at least 1"),
+    ({"backup": render.Backup("/repo"), "postgres": [Node("pg1", "127.0.1.1"), Node("pg2", "127.0.1.2")]},
+     "pgBackRest config path"),
     ({"ttl": 10}, "ttl >= 20"),
     ({"loop_wait": 10, "retry_timeout": 10}, "must not exceed ttl"),
     ({"etcd": []}, "odd number"),
@@ -191,7 +253,20 @@ def test_etcd_configs_form_one_three_member_cluster(tmp_path: Path) -> None:
         assert f"initial-advertise-peer-urls: http://127.0.2.{i}:2380\n" in text
         assert f"data-dir: {tmp_path / f'etcd{i}'}\n" in text
         assert "enable-grpc-gateway: true\n" in text  # Patroni's etcd3 client needs /v3 JSON
+        assert "initial-cluster-state: new\n" in text  # `plc cluster up` bootstraps the members together
         assert not re.search(r"{{|{%", text)
+
+
+def test_etcd_config_of_a_member_joining_a_running_cluster(tmp_path: Path) -> None:
+    """ansible/add_node.yml's case: the member was registered with `etcdctl member add` and starts
+    with state existing; every other setting is the bootstrap's."""
+    t = topology(tmp_path)
+    new = render.render_etcd(t, t.etcd[2])
+    joining = render.render_etcd(Topology(**{**t.__dict__, "etcd_initial_cluster_state": "existing"}), t.etcd[2])
+    assert "initial-cluster-state: existing\n" in joining
+    assert joining.replace("initial-cluster-state: existing", "initial-cluster-state: new") == new
+    with pytest.raises(ValueError, match="new or existing"):
+        render.render_etcd(Topology(**{**t.__dict__, "etcd_initial_cluster_state": "joining"}), t.etcd[2])
 
 
 # ---- the template subset
@@ -203,11 +278,23 @@ def test_renderer_handles_vars_loops_and_trim_blocks() -> None:
     assert out == "a 1\n- p false\n- q false\nend\n"
 
 
+def test_renderer_if_blocks_follow_jinja_truthiness() -> None:
+    tpl = "{% for i in items %}\n{% if i.on %}\n{{ i.n }}\n{% endif %}\n{% endfor %}\n{% if empty %}\nnever\n{% endif %}\nend\n"
+    items = [{"n": "a", "on": True}, {"n": "b", "on": False}, {"n": "c", "on": "yes"}, {"n": "d", "on": ""},
+             {"n": "e", "on": [0]}, {"n": "f", "on": 0}]  # fmt: skip
+    assert render.render_text(tpl, {"items": items, "empty": []}) == "a\nc\ne\nend\n"
+
+
 @pytest.mark.parametrize("tpl, message", [
     ("{{ x | upper }}", "only dotted names"),
-    ("{% if x %}{% endif %}", "only for/endfor"),
+    ("{% if x %}a{% else %}b{% endif %}", "only for/endfor and if/endif"),
+    ("{% if x == 1 %}{% endif %}", "only for/endfor and if/endif"),
     ("{% for i in xs %}", "for without endfor"),
+    ("{% if x %}", "if without endif"),
     ("{% endfor %}", "endfor without for"),
+    ("{% endif %}", "endif without if"),
+    ("{% for i in xs %}{% endif %}{% endfor %}", "endif without if"),
+    ("{% if nope %}{% endif %}", "undefined name"),
     ("{{ missing }}", "undefined name"),
     ("{{ x.nope }}", "no 'nope'"),
     ("{% for i in x %}{% endfor %}", "is not a list"),

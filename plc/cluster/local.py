@@ -17,14 +17,22 @@ Patroni run as the ``postgres`` OS user)::
     cfg/           rendered configs (Patroni's owned by postgres, mode 0600)
     data/          etcd and PostgreSQL data, one directory per node
     sock/          one unix socket directory per PostgreSQL node (a shared one collides, ha-notes F3)
-    run/           HAProxy's pidfile and admin socket
+    run/           HAProxy's pidfile and admin socket, pgBackRest's lock files
+    backup/        the pgBackRest repository (repo/) and its logs (log/), shared by the three
+                   PostgreSQL nodes as a shared mount or bucket would be; absent with backups=False
     logs/          one log per process
 
 ``down`` stops processes by recorded PID (checking the start time, so a reused PID is never
 signalled), then stops anything still running from this directory: postmasters named by
 ``postmaster.pid`` only after checking their command line (ha-notes F7), and every process whose
-command line or working directory is inside the state directory. Then it deletes data/, sock/ and
-run/; cfg/ and logs/ stay for a post-mortem until the next ``up``.
+command line or working directory is inside the state directory. Then it deletes data/, sock/,
+run/ and backup/; cfg/ and logs/ stay for a post-mortem until the next ``up``.
+
+With backups (the default) every PostgreSQL node archives its WAL with pgBackRest into backup/repo
+(ha/templates/pgbackrest.conf.j2, archive_command in patroni.yml.j2); ``up`` creates the stanza and
+checks that archiving works, ``backup()`` takes a backup on the leader, ``verify_restore()``
+restores the newest backup plus the archived WAL into a scratch directory, starts it and counts
+what it holds.
 """
 
 from __future__ import annotations
@@ -63,6 +71,15 @@ PG_HOSTS = ("127.0.1.1", "127.0.1.2", "127.0.1.3")
 MAX_MIRRORS = 3
 INGEST_MODES = ("all", "first", "none")
 MARKER = ".plc-cluster"  # written by up; down and status touch only directories that have it
+STANZA = "plc"
+BACKUP_TYPES = ("full", "diff", "incr")
+DATA_DIRS = ("data", "sock", "run", "backup")  # deleted by down (and by up, before it starts)
+
+
+# Rows per table of the application database's public schema, one "table count" line each.
+_COUNT_SQL = """select table_name, (xpath('/row/c/text()', query_to_xml(format('select count(*) as c from %I.%I',
+  table_schema, table_name), false, true, '')))[1]::text from information_schema.tables
+  where table_schema = 'public' and table_type = 'BASE TABLE' order by 1"""
 
 
 class ClusterError(RuntimeError):
@@ -192,6 +209,7 @@ class LocalCluster:
         patroni_venv: str | os.PathLike[str] | None = None,
         log: Callable[[str], Any] | None = None,
         python: str = sys.executable,
+        backups: bool = True,
     ) -> None:
         if not 1 <= mirrors <= MAX_MIRRORS:
             raise ClusterError(f"--mirrors must be between 1 and {MAX_MIRRORS}, not {mirrors}")
@@ -204,6 +222,7 @@ class LocalCluster:
         self._patroni_venv_arg = patroni_venv
         self._log = log or (lambda s: None)
         self.python = python
+        self.backups = backups
         self.health = render.load_health()
 
     # ---- layout ----------------------------------------------------------------------------
@@ -222,7 +241,7 @@ class LocalCluster:
             etcd=[Node(f"etcd{i}", h, data_dir=str(d / "data" / f"etcd{i}")) for i, h in enumerate(ETCD_HOSTS, 1)],
             postgres=[
                 Node(f"pg{i}", h, data_dir=str(d / "data" / f"pg{i}"), socket_dir=str(d / "sock" / f"pg{i}"),
-                     pgpass=str(d / "sock" / f"pg{i}" / "pgpass"))
+                     pgpass=str(d / "sock" / f"pg{i}" / "pgpass"), backup_config=str(d / "cfg" / f"pgbackrest-pg{i}.conf"))
                 for i, h in enumerate(PG_HOSTS, 1)
             ],  # fmt: skip
             mirrors=[Node(f"mirror{i}", f"127.0.4.{i}", port=MIRROR_PORT) for i in range(1, self.mirror_count + 1)],
@@ -234,7 +253,10 @@ class LocalCluster:
             rewind=User("rewinder", s["rewind"]),
             app=User("plc", s["app"], "plc"),
             pg_bin_dir=str(_pg_bin_dir()),
-        )
+            backup=render.Backup(str(d / "backup" / "repo"), stanza=STANZA, log_dir=str(d / "backup" / "log"),
+                                 lock_dir=str(d / "run" / "pgbackrest"), bin=shutil.which("pgbackrest") or "pgbackrest")
+            if self.backups else None,
+        )  # fmt: skip
 
     def app_url(self, secrets_: dict[str, str] | None = None, *, replicas: bool = False) -> str:
         """The application's database URL through HAProxy's primary frontend (or, with
@@ -381,9 +403,14 @@ class LocalCluster:
             raise ClusterError(f"the {RUN_AS} user cannot enter {blocked}: choose a --dir it can reach "
                                f"(e.g. {DEFAULT_DIR})")  # fmt: skip
         self._kill_leftovers()
-        for sub in ("data", "sock", "run", "cfg", "logs"):
+        for sub in (*DATA_DIRS, "cfg", "logs"):
             shutil.rmtree(self._path(sub), ignore_errors=True)
             self._path(sub).mkdir(mode=0o755)
+        if self.backups:
+            _required_program("pgbackrest")
+            for d in (self._path("backup", "repo"), self._path("backup", "log"), self._path("run", "pgbackrest")):
+                d.mkdir(mode=0o750)
+                os.chown(d, owner.pw_uid, owner.pw_gid)
         self.state_path.unlink(missing_ok=True)
 
         sec = {k: secrets.token_urlsafe(18) for k in ("superuser", "replication", "rewind", "app")}
@@ -455,6 +482,11 @@ class LocalCluster:
             cfg.write_text(render.render_patroni(topo, n, self.health))
             os.chown(cfg, owner.pw_uid, owner.pw_gid)
             os.chmod(cfg, 0o600)
+            if topo.backup is not None:
+                bcfg = Path(n.backup_config)
+                bcfg.write_text(render.render_pgbackrest(topo, n, self.health))
+                os.chown(bcfg, owner.pw_uid, owner.pw_gid)
+                os.chmod(bcfg, 0o600)
             pat_procs.append(spawn(n.name, [str(venv / "bin" / "patroni"), str(cfg)], as_postgres=True))
         wait("a Patroni leader, a sync standby and a streaming replica", self._patroni_healthy, pat_procs)
         phase("patroni", t)
@@ -464,6 +496,16 @@ class LocalCluster:
         leader = next(m for m in self.patroni_members() if m.get("role") == "leader")
         self._create_app_role(topo, leader["host"])
         phase("app role", t)
+
+        # -- the backup repository: the stanza, and a check that WAL reaches it
+        if topo.backup is not None:
+            t = time.monotonic()
+            for command in ("stanza-create", "check"):
+                r = self.pgbackrest(leader["name"], command, timeout=max(10.0, deadline - time.monotonic()))
+                if r.returncode != 0:
+                    raise ClusterError(f"pgbackrest {command} failed (exit {r.returncode}): "
+                                       f"{(r.stderr or r.stdout).strip()}")  # fmt: skip
+            phase("backup stanza", t)
 
         # -- HAProxy
         t = time.monotonic()
@@ -551,6 +593,129 @@ class LocalCluster:
             if r.returncode != 0:
                 raise ClusterError(f"creating the application role failed: {r.stderr.strip()}")
 
+    # ---- backups (pgBackRest) --------------------------------------------------------------
+
+    def _as_postgres(self, argv: list[str], timeout: float, env: dict[str, str] | None = None
+                     ) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        owner = pwd.getpwnam(RUN_AS)
+        full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": owner.pw_dir, "USER": RUN_AS,
+                    "LOGNAME": RUN_AS, "LC_ALL": "C.UTF-8", **(env or {})}  # fmt: skip
+        return subprocess.run([_required_program("setpriv"), f"--reuid={RUN_AS}", f"--regid={RUN_AS}", "--init-groups",
+                               *argv], capture_output=True, text=True, timeout=timeout, env=full_env, cwd="/")  # fmt: skip
+
+    def pgbackrest(self, node: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        """``pgbackrest --config=<node's config> --stanza=plc ARGS`` as the postgres user."""
+        conf = self._path("cfg", f"pgbackrest-{node}.conf")
+        if not conf.is_file():
+            raise ClusterError(f"no pgBackRest config for {node!r} in {self.dir / 'cfg'}: "
+                               "the cluster was started without backups")  # fmt: skip
+        return self._as_postgres([_required_program("pgbackrest"), f"--config={conf}", f"--stanza={STANZA}", *args],
+                                 timeout)  # fmt: skip
+
+    def _backup_leader(self) -> str:
+        """The Patroni leader's name, where backups run (ClusterError: no cluster, no backups, no leader)."""
+        if not self._path(MARKER).exists():
+            raise ClusterError(f"no cluster in {self.dir}: run plc cluster up --dir {self.dir}")
+        if not self._path("cfg", "pgbackrest-pg1.conf").is_file():
+            raise ClusterError(f"the cluster in {self.dir} was started with --no-backups")
+        names = [m["name"] for m in self.patroni_members() if m.get("role") == "leader" and m.get("state") == "running"]
+        if not names:
+            raise ClusterError("no running Patroni leader: backups are taken on the primary")
+        return names[0]
+
+    def backup(self, kind: str = "full") -> dict[str, Any]:
+        """Take a ``kind`` (full, diff, incr) backup on the leader; returns it as `pgbackrest
+        info` describes it (label, type, WAL range, sizes)."""
+        if kind not in BACKUP_TYPES:
+            raise ClusterError(f"backup type must be one of {', '.join(BACKUP_TYPES)}, not {kind!r}")
+        leader = self._backup_leader()
+        r = self.pgbackrest(leader, "backup", f"--type={kind}")
+        if r.returncode != 0:
+            raise ClusterError(f"pgbackrest backup on {leader} failed (exit {r.returncode}): {(r.stderr or r.stdout).strip()}")
+        backups = self.backup_info()["backup"]
+        if not backups:
+            raise ClusterError("pgbackrest backup succeeded but the repository lists no backup")
+        return {"node": leader, **backups[-1]}
+
+    def backup_info(self) -> dict[str, Any]:
+        """The stanza as `pgbackrest info --output=json` gives it (status, backups, archive)."""
+        r = self.pgbackrest(self._backup_leader(), "info", "--output=json", timeout=60)
+        try:
+            doc = json.loads(r.stdout)
+        except ValueError:
+            doc = None
+        if r.returncode != 0 or not isinstance(doc, list) or len(doc) != 1:
+            raise ClusterError(f"pgbackrest info failed (exit {r.returncode}): {(r.stderr or r.stdout).strip()}")
+        return doc[0]
+
+    def _table_counts(self, psql_args: list[str], timeout: float = 60) -> dict[str, int]:
+        r = self._as_postgres([str(_pg_bin_dir() / "psql"), "-X", "-At", "-F", " ", *psql_args, "-c", _COUNT_SQL],
+                              timeout)  # fmt: skip
+        if r.returncode != 0:
+            raise ClusterError(f"counting rows failed: {r.stderr.strip()}")
+        rows = [line.split(" ") for line in r.stdout.splitlines() if line]
+        return {name: int(count) for name, count in rows}
+
+    def verify_restore(self, timeout: float = 300) -> dict[str, Any]:
+        """Prove the repository restores: archive the leader's current WAL (`pgbackrest check`),
+        count the rows of every table of the application database on the leader, restore the
+        newest backup plus all archived WAL into a scratch directory, start PostgreSQL on it
+        (unix socket only, archiving off), count again, stop it and delete the directory.
+        Returns {"node", "backup", "live", "restored", "seconds"}; raises ClusterError on any failure."""
+        t0 = time.monotonic()
+        leader = self._backup_leader()
+        topo = self.topology()
+        node = next(n for n in topo.postgres if n.name == leader)
+        r = self.pgbackrest(leader, "check", timeout=timeout)
+        if r.returncode != 0:
+            raise ClusterError(f"pgbackrest check on {leader} failed: {(r.stderr or r.stdout).strip()}")
+        db = ["-d", topo.app.database, "-p", str(topo.pg_port)]
+        live = self._table_counts(["-h", node.socket_dir, *db])
+        backups = self.backup_info()["backup"]
+        if not backups:
+            raise ClusterError("the repository holds no backup yet: run plc cluster backup first")
+        owner = pwd.getpwnam(RUN_AS)
+        scratch, sock = self._path("data", "restore-check"), self._path("sock", "restore-check")
+        for d in (scratch, sock):
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir(mode=0o700)
+            os.chown(d, owner.pw_uid, owner.pw_gid)
+        log = self._path("logs", "restore-check.log")
+        log.write_bytes(b"")
+        os.chown(log, owner.pw_uid, owner.pw_gid)
+        pg_ctl = str(_pg_bin_dir() / "pg_ctl")
+        started = False
+        try:
+            r = self.pgbackrest(leader, f"--pg1-path={scratch}", "--archive-mode=off", "restore", timeout=timeout)
+            if r.returncode != 0:
+                raise ClusterError(f"pgbackrest restore failed (exit {r.returncode}): {(r.stderr or r.stdout).strip()}")
+            opts = (f"-c listen_addresses='' -c unix_socket_directories='{sock}' -c port={topo.pg_port} "
+                    f"-c hba_file='{scratch}/pg_hba.conf' -c ident_file='{scratch}/pg_ident.conf' "
+                    "-c synchronous_standby_names='' -c archive_mode=off -c hot_standby=on")  # fmt: skip
+            r = self._as_postgres([pg_ctl, "-D", str(scratch), "-o", opts, "-l", str(log), "-w", "-t", str(int(timeout)),
+                                   "start"], timeout + 10)  # fmt: skip
+            started = True
+            if r.returncode != 0:
+                raise ClusterError(f"the restored copy did not start: {(r.stderr or r.stdout).strip()}; "
+                                   f"log: {_tail(log)}")  # fmt: skip
+            deadline = time.monotonic() + timeout
+            while True:  # archive recovery replays every archived segment, then promotes
+                q = self._as_postgres([str(_pg_bin_dir() / "psql"), "-X", "-At", "-h", str(sock), *db, "-c",
+                                       "select pg_is_in_recovery()"], 30)  # fmt: skip
+                if q.returncode == 0 and q.stdout.strip() == "f":
+                    break
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"the restored copy was still in recovery after {timeout:g} s")
+                time.sleep(0.25)
+            restored = self._table_counts(["-h", str(sock), *db])
+        finally:
+            if started:
+                self._as_postgres([pg_ctl, "-D", str(scratch), "-m", "fast", "-w", "stop"], 120)
+            shutil.rmtree(scratch, ignore_errors=True)
+            shutil.rmtree(sock, ignore_errors=True)
+        return {"node": leader, "backup": backups[-1]["label"], "live": live, "restored": restored,
+                "seconds": round(time.monotonic() - t0, 1)}  # fmt: skip
+
     # ---- status ----------------------------------------------------------------------------
 
     def haproxy_backends(self) -> list[dict[str, str]]:
@@ -623,7 +788,7 @@ class LocalCluster:
             self._terminate(group, signal.SIGTERM if prefix != "etcd" else signal.SIGKILL, timeout)
             stopped += [p.name for p in group]
         stopped += self._kill_leftovers()
-        for sub in ("data", "sock", "run"):
+        for sub in DATA_DIRS:
             shutil.rmtree(self._path(sub), ignore_errors=True)
         self.state_path.unlink(missing_ok=True)
         return stopped

@@ -7,6 +7,8 @@ so Ansible's `template` module renders the same files:
 - ``{{ name }}`` and ``{{ name.attr.attr }}`` (dict keys or attributes); booleans render as
   ``true``/``false`` (YAML), everything else with ``str()``;
 - ``{% for x in name.attr %}`` … ``{% endfor %}`` (nestable);
+- ``{% if name.attr %}`` … ``{% endif %}`` (nestable, no else): the body when the value is
+  true in Python's and Jinja2's common sense (true, a non-empty string or list, a non-zero number);
 - Jinja2's ``trim_blocks`` behaviour, which is Ansible's default: the newline right after a
   ``{% … %}`` tag is dropped.
 
@@ -112,6 +114,7 @@ class Node:
     socket_dir: str = ""
     pgpass: str = ""
     port: int = 0
+    backup_config: str = ""  # the node's pgBackRest config file (when the topology has a Backup)
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,29 @@ class User:
     name: str
     password: str
     database: str = ""
+
+
+@dataclass(frozen=True)
+class Backup:
+    """pgBackRest: one repository for every PostgreSQL node (a directory every node mounts, or
+    an S3 bucket when ``s3_bucket`` is set), WAL archiving from the primary, backups taken on it."""
+
+    repo_path: str
+    stanza: str = "plc"
+    retention_full: int = 2
+    archive_timeout: int = 60
+    compress_type: str = "zst"
+    process_max: int = 1
+    log_dir: str = "/var/log/pgbackrest"
+    lock_dir: str = "/tmp/pgbackrest"
+    bin: str = "/usr/bin/pgbackrest"
+    cipher_pass: str = ""
+    s3_bucket: str = ""
+    s3_endpoint: str = ""
+    s3_region: str = ""
+    s3_key: str = ""
+    s3_key_secret: str = ""
+    s3_uri_style: str = "path"
 
 
 @dataclass(frozen=True)
@@ -142,6 +168,9 @@ class Topology:
     etcd_client_port: int = 2379
     etcd_peer_port: int = 2380
     etcd_token: str = "plc-etcd"
+    # "new": the members in `etcd` bootstrap a cluster together (`plc cluster up`); "existing": a
+    # member joins a running cluster after `etcdctl member add` (ansible/add_node.yml).
+    etcd_initial_cluster_state: str = "new"
     pg_port: int = 5432
     rest_port: int = 8008
     haproxy_primary_port: int = 5432
@@ -162,6 +191,7 @@ class Topology:
     shared_buffers: str = "32MB"
     max_connections: int = 100
     extra: Mapping[str, Any] = field(default_factory=dict)
+    backup: Backup | None = None  # None: no WAL archiving and no backups
 
     def check(self) -> None:
         """Raise ValueError for a topology Patroni or etcd would refuse or run badly."""
@@ -173,6 +203,13 @@ class Topology:
             raise ValueError("Patroni clamps ttl >= 20, loop_wait >= 1, retry_timeout >= 3")
         if self.loop_wait + 2 * self.retry_timeout > self.ttl:
             raise ValueError("loop_wait + 2 * retry_timeout must not exceed ttl")
+        if self.backup is not None:
+            if not self.backup.repo_path.startswith("/"):
+                raise ValueError("the backup repository path must be absolute")
+            if self.backup.retention_full < 1 or self.backup.archive_timeout < 1:
+                raise ValueError("backup retention_full and archive_timeout must be at least 1")
+            if not all(n.backup_config for n in self.postgres):
+                raise ValueError("with backups every PostgreSQL node needs its pgBackRest config path")
         names = [n.name for n in (*self.etcd, *self.postgres, *self.mirrors)]
         if len(set(names)) != len(names):
             raise ValueError("node names must be unique")
@@ -183,6 +220,7 @@ class Topology:
 _TOKEN = re.compile(r"{{(.*?)}}|{%(.*?)%}\n?", re.S)
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _FOR = re.compile(r"^for\s+([A-Za-z_][A-Za-z0-9_]*)\s+in\s+(\S+)$")
+_IF = re.compile(r"^if\s+(\S+)$")
 
 
 def _lookup(expr: str, ctx: Mapping[str, Any]) -> Any:
@@ -212,9 +250,9 @@ def _fmt(value: Any) -> str:
 
 
 def _parse(text: str) -> list[Any]:
-    """Nodes: str (literal), ("var", expr), ("for", var, expr, body)."""
+    """Nodes: str (literal), ("var", expr), ("for", var, expr, body), ("if", expr, body)."""
     root: list[Any] = []
-    stack: list[tuple[list[Any], str, str]] = []
+    stack: list[tuple[list[Any], str]] = []  # (the enclosing body, the block's end tag)
     out = root
     pos = 0
     for m in _TOKEN.finditer(text):
@@ -224,20 +262,20 @@ def _parse(text: str) -> list[Any]:
             out.append(("var", m.group(1)))
             continue
         tag = m.group(2).strip()
-        fm = _FOR.match(tag)
-        if fm:
+        fm, im = _FOR.match(tag), _IF.match(tag)
+        if fm or im:
             body: list[Any] = []
-            out.append(("for", fm.group(1), fm.group(2), body))
-            stack.append((out, fm.group(1), fm.group(2)))
+            out.append(("for", fm.group(1), fm.group(2), body) if fm else ("if", im.group(1), body))  # type: ignore[union-attr]
+            stack.append((out, "endfor" if fm else "endif"))
             out = body
-        elif tag == "endfor":
-            if not stack:
-                raise TemplateError("endfor without for")
+        elif tag in ("endfor", "endif"):
+            if not stack or stack[-1][1] != tag:
+                raise TemplateError(f"{tag} without {tag[3:]}")
             out = stack.pop()[0]
         else:
-            raise TemplateError(f"unsupported tag {{% {tag} %}}: only for/endfor")
+            raise TemplateError(f"unsupported tag {{% {tag} %}}: only for/endfor and if/endif")
     if stack:
-        raise TemplateError("for without endfor")
+        raise TemplateError(f"{stack[-1][1][3:]} without {stack[-1][1]}")
     out.append(text[pos:])
     return root
 
@@ -248,6 +286,9 @@ def _emit(nodes: list[Any], ctx: Mapping[str, Any], parts: list[str]) -> None:
             parts.append(node)
         elif node[0] == "var":
             parts.append(_fmt(_lookup(node[1], ctx)))
+        elif node[0] == "if":
+            if _lookup(node[1], ctx):
+                _emit(node[2], ctx, parts)
         else:
             _, var, expr, body = node
             seq = _lookup(expr, ctx)
@@ -276,11 +317,14 @@ def _users(t: Topology) -> dict[str, Any]:
 
 
 def _etcd(t: Topology) -> dict[str, Any]:
+    if t.etcd_initial_cluster_state not in ("new", "existing"):
+        raise ValueError(f"etcd_initial_cluster_state must be new or existing, not {t.etcd_initial_cluster_state!r}")
     return {
         "client_port": t.etcd_client_port,
         "peer_port": t.etcd_peer_port,
         "token": t.etcd_token,
         "initial_cluster": ",".join(f"{m.name}=http://{m.host}:{t.etcd_peer_port}" for m in t.etcd),
+        "initial_cluster_state": t.etcd_initial_cluster_state,
         "hosts": ",".join(f"{m.host}:{t.etcd_client_port}" for m in t.etcd),
     }
 
@@ -302,7 +346,14 @@ def patroni_context(t: Topology, node: Node, health: Mapping[str, Any]) -> dict[
         "shared_buffers": t.shared_buffers, "max_connections": t.max_connections,
         "bin_dir": t.pg_bin_dir, "allowed_cidrs": list(t.allowed_cidrs),
     }  # fmt: skip
-    return {"node": node, "patroni": patroni, "etcd": _etcd(t), "users": _users(t)}
+    return {"node": node, "patroni": patroni, "etcd": _etcd(t), "users": _users(t), "backup": _backup(t)}
+
+
+def _backup(t: Topology) -> dict[str, Any]:
+    """The ``backup`` object of patroni.yml.j2 and pgbackrest.conf.j2 (``enabled`` false: none)."""
+    if t.backup is None:
+        return {"enabled": False}
+    return {"enabled": True, **{k: getattr(t.backup, k) for k in Backup.__dataclass_fields__}}
 
 
 def haproxy_context(t: Topology, health: Mapping[str, Any]) -> dict[str, Any]:
@@ -337,6 +388,12 @@ def render_etcd(t: Topology, member: Node) -> str:
 
 def render_patroni(t: Topology, node: Node, health: Mapping[str, Any]) -> str:
     return render_template("patroni.yml.j2", patroni_context(t, node, health))
+
+
+def render_pgbackrest(t: Topology, node: Node, health: Mapping[str, Any]) -> str:
+    if t.backup is None:
+        raise ValueError("the topology has no backup settings")
+    return render_template("pgbackrest.conf.j2", patroni_context(t, node, health))
 
 
 def render_haproxy(t: Topology, health: Mapping[str, Any]) -> str:

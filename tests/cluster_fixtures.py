@@ -1,8 +1,7 @@
 """Fixtures for tests that need the local HA cluster (plc/cluster/local.py, docs/ha.md).
 
-Use them from a test module with::
-
-    from cluster_fixtures import cluster_session, cluster_upstream, local_cluster  # noqa: F401
+tests/conftest.py makes them available to every test module (one definition, so one cluster
+and one upstream per session); test modules import only the helpers from here.
 
 - ``cluster_upstream`` (session): a FakeUpstream (tests/fake_upstream.py) serving a small valid
   corpus on 127.0.0.1, run by uvicorn in a thread of its own so it outlives every test's event

@@ -3,7 +3,8 @@
 The vectors are read in place from ../shared/vectors relative to the repository root; they are
 never copied or edited. Helpers that build signed operations live in tests/plcdata.py.
 PostgreSQL: `pg_server` is one embedded server for the whole session; `pg_database` /
-`pg_dsn` give each test its own fresh database on it (helpers in tests/pg.py).
+`pg_dsn` give each test its own fresh database on it (helpers in tests/pg.py). The local HA
+cluster: `cluster_session`, `cluster_upstream`, `local_cluster` (tests/cluster_fixtures.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ import pytest
 from plc.store.embedded import EmbeddedPostgres, EmbeddedPostgresError
 
 import pg
+
+# The local HA cluster's fixtures, defined here once so that the session cluster and its fake
+# upstream really are one per session: a test module that imported them itself would get its
+# own "session" cluster on the same fixed addresses as the others'.
+from cluster_fixtures import cluster_session, cluster_upstream, local_cluster  # noqa: E402, F401
 
 VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors"
 

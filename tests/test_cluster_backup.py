@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster_fixtures import cluster_session, cluster_upstream, ensure_healthy, local_cluster  # noqa: F401
+from cluster_fixtures import ensure_healthy
 from fake_upstream import FakeUpstream
 from plc.cluster.local import LocalCluster
 
@@ -117,10 +117,59 @@ def test_backup_then_writes_and_a_switchover_restore_exactly(local_cluster: Loca
     assert r.json()["id"] == did
 
 
+def leader_counts(cluster: LocalCluster) -> tuple[str, dict[str, int]]:
+    """(now() on the leader, rows per table of the application database there)."""
+    topo = cluster.topology()
+    node = next(n for n in topo.postgres if n.name == cluster._backup_leader())
+    db = ["-h", node.socket_dir, "-d", topo.app.database, "-p", str(topo.pg_port)]
+    now = cluster._as_postgres(["psql", "-X", "-At", *db, "-c", "select now()::text"], 30)
+    assert now.returncode == 0, now.stderr
+    return now.stdout.strip(), cluster._table_counts(db)
+
+
+@pytest.mark.slow
+@needs_pgbackrest
+def test_point_in_time_restore_of_the_whole_cluster(local_cluster: LocalCluster,
+                                                    cluster_upstream: FakeUpstream) -> None:  # fmt: skip
+    """Disaster recovery to a moment before the newest ops: the restored cluster holds exactly
+    what it held then, runs with a leader, a sync standby and a replica again, and its mirrors
+    ingest the newer ops again from the upstream."""
+    cluster = local_cluster
+    if not cluster.backup_info()["backup"]:
+        assert plc("cluster", "backup", "--dir", str(cluster.dir)).returncode == 0
+    until("the mirrors to ingest everything", lambda: cluster_upstream.latest_seq in cursors(cluster))
+    time.sleep(1.0)
+    target, then = leader_counts(cluster)
+    time.sleep(1.0)
+    assert reveal(cluster, cluster_upstream, 2.0, SEED + 3) > 0
+    _, later = leader_counts(cluster)
+    assert later["plc_op"] > then["plc_op"]
+    check = cluster.pgbackrest(cluster._backup_leader(), "check")  # archive the WAL past the target
+    assert check.returncode == 0, check.stderr
+
+    out = plc("cluster", "restore", "--dir", str(cluster.dir), "--target-time", target)
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(out.stdout)
+    assert result["restored"] == then and result["target"] == target
+    assert cluster._patroni_healthy()
+    assert cluster._backup_leader() == "pg1"
+
+    # the mirrors pick up from the restored cursor and ingest the newer ops again
+    latest = cluster_upstream.latest_seq
+    until("the restored cluster to ingest the newer ops", lambda: latest in cursors(cluster), timeout=120)
+    _, now = leader_counts(cluster)
+    assert now["plc_op"] == len(cluster_upstream.records) == later["plc_op"]
+    # backups go on, on the new timeline
+    out = plc("cluster", "backup", "--dir", str(cluster.dir), "--type", "full")
+    assert out.returncode == 0, out.stderr
+
+
 def test_backup_commands_refuse_bad_input(tmp_path: Path) -> None:
     out = plc("cluster", "backup", "--dir", str(tmp_path / "none"))
     assert out.returncode == 1 and "no cluster in" in out.stderr
     out = plc("cluster", "verify-restore", "--dir", str(tmp_path / "none"))
+    assert out.returncode == 1 and "no cluster in" in out.stderr
+    out = plc("cluster", "restore", "--dir", str(tmp_path / "none"))
     assert out.returncode == 1 and "no cluster in" in out.stderr
     out = plc("cluster", "backup", "--dir", str(tmp_path), "--type", "weekly")
     assert out.returncode == 2 and "invalid choice" in out.stderr

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster_fixtures import cluster_session, cluster_upstream, leftovers, local_cluster  # noqa: F401
+from cluster_fixtures import leftovers
 from fake_upstream import FakeUpstream
 from plc.cluster.local import ClusterError, LocalCluster
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_fixtures import cluster_session, cluster_upstream, ensure_healthy  # noqa: F401
+from cluster_fixtures import ensure_healthy
 from fake_upstream import FakeUpstream
 from plc.cluster.local import LocalCluster
 

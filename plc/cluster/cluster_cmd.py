@@ -58,6 +58,15 @@ def register(sub: Any) -> None:
     common(vr)
     vr.set_defaults(func=cmd_verify_restore)
 
+    rs = actions.add_parser("restore",
+                            help="disaster recovery: stop everything, restore the newest backup (or the state at "
+                                 "--target-time) into pg1, re-clone pg2 and pg3 from it, restart the mirrors")  # fmt: skip
+    common(rs)
+    rs.add_argument("--target-time", default=None,
+                    help="point-in-time recovery target, e.g. '2026-11-24 03:10:00+00' (default: the end of "
+                         "the archived WAL)")  # fmt: skip
+    rs.set_defaults(func=cmd_restore)
+
     st = actions.add_parser("status", help="leader, replicas and lag, etcd, HAProxy backends, mirror nodes")
     common(st)
     st.add_argument("--json", action="store_true", help="print the status as JSON")
@@ -165,6 +174,18 @@ def cmd_verify_restore(args: argparse.Namespace) -> int:
              "(writes after the check are expected to differ)")  # fmt: skip
         return 3
     _say(f"restored {result['backup']} + archived WAL in {result['seconds']} s: every table matches")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    try:
+        result = LocalCluster(args.dir, log=_say).restore(args.target_time)
+    except ClusterError as exc:
+        _say(f"restore failed: {exc}")
+        _say(f"see the logs in {args.dir}/logs; plc cluster status --dir {args.dir} shows what runs")
+        return 1
+    print(json.dumps(result, indent=2))
+    _say(f"restored in {result['seconds']} s; the cluster runs on a new timeline")
     return 0
 
 

@@ -364,12 +364,12 @@ class LocalCluster:
         self._log(f"restarted {name} (pid {p.pid})")
         return new
 
-    def patronictl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def patronictl(self, *args: str, timeout: float = 60, input_: str | None = None) -> subprocess.CompletedProcess[str]:
         """Run ``patronictl -c <pg1's config> ARGS`` from the Patroni venv (as root: it only reads
-        the config and talks to etcd and the REST APIs)."""
+        the config and talks to etcd and the REST APIs); ``input_`` answers its prompts."""
         venv = find_patroni_venv(self._patroni_venv_arg)
         return subprocess.run([str(venv / "bin" / "patronictl"), "-c", str(self._path("cfg", "pg1.yml")), *args],
-                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
+                              capture_output=True, text=True, timeout=timeout, input=input_)  # fmt: skip
 
     # ---- up --------------------------------------------------------------------------------
 
@@ -612,12 +612,15 @@ class LocalCluster:
         return self._as_postgres([_required_program("pgbackrest"), f"--config={conf}", f"--stanza={STANZA}", *args],
                                  timeout)  # fmt: skip
 
-    def _backup_leader(self) -> str:
-        """The Patroni leader's name, where backups run (ClusterError: no cluster, no backups, no leader)."""
+    def _require_backups(self) -> None:
         if not self._path(MARKER).exists():
             raise ClusterError(f"no cluster in {self.dir}: run plc cluster up --dir {self.dir}")
         if not self._path("cfg", "pgbackrest-pg1.conf").is_file():
             raise ClusterError(f"the cluster in {self.dir} was started with --no-backups")
+
+    def _backup_leader(self) -> str:
+        """The Patroni leader's name, where backups run (ClusterError: no cluster, no backups, no leader)."""
+        self._require_backups()
         names = [m["name"] for m in self.patroni_members() if m.get("role") == "leader" and m.get("state") == "running"]
         if not names:
             raise ClusterError("no running Patroni leader: backups are taken on the primary")
@@ -656,6 +659,51 @@ class LocalCluster:
         rows = [line.split(" ") for line in r.stdout.splitlines() if line]
         return {name: int(count) for name, count in rows}
 
+    def _recover(self, conf_node: str, data: Path, sock: Path, restore_args: list[str], *, archive: bool,
+                 log_name: str, timeout: float) -> dict[str, int]:  # fmt: skip
+        """pgBackRest-restore into ``data`` (with ``conf_node``'s config), start PostgreSQL there
+        on the unix socket ``sock`` alone, wait until archive recovery has replayed what it should
+        and promoted, count the rows of every table of the application database, stop it."""
+        topo = self.topology()
+        owner = pwd.getpwnam(RUN_AS)
+        for d in (data, sock):
+            d.mkdir(mode=0o700, exist_ok=True)
+            os.chown(d, owner.pw_uid, owner.pw_gid)
+        log = self._path("logs", log_name)
+        log.write_bytes(b"")
+        os.chown(log, owner.pw_uid, owner.pw_gid)
+        r = self.pgbackrest(conf_node, f"--pg1-path={data}", *restore_args, "restore", timeout=timeout)
+        if r.returncode != 0:
+            raise ClusterError(f"pgbackrest restore failed (exit {r.returncode}): {(r.stderr or r.stdout).strip()}")
+        conf = self._path("cfg", f"pgbackrest-{conf_node}.conf")
+        # The restored postgresql.conf is the one of the node the backup was taken on: listen
+        # nowhere but the socket, and (when archiving) archive with this node's pgBackRest config.
+        archiving = (f"-c archive_mode=on -c archive_command='{_required_program('pgbackrest')} --config={conf} "
+                     f"--stanza={STANZA} archive-push %p'") if archive else "-c archive_mode=off"  # fmt: skip
+        opts = (f"-c listen_addresses='' -c unix_socket_directories='{sock}' -c port={topo.pg_port} "
+                f"-c hba_file='{data}/pg_hba.conf' -c ident_file='{data}/pg_ident.conf' "
+                f"-c synchronous_standby_names='' -c hot_standby=on {archiving}")  # fmt: skip
+        pg_ctl = str(_pg_bin_dir() / "pg_ctl")
+        db = ["-h", str(sock), "-d", topo.app.database, "-p", str(topo.pg_port)]
+        try:
+            r = self._as_postgres([pg_ctl, "-D", str(data), "-o", opts, "-l", str(log), "-w", "-t", str(int(timeout)),
+                                   "start"], timeout + 10)  # fmt: skip
+            if r.returncode != 0:
+                raise ClusterError(f"the restored copy did not start: {(r.stderr or r.stdout).strip()}; "
+                                   f"log: {_tail(log)}")  # fmt: skip
+            deadline = time.monotonic() + timeout
+            while True:  # archive recovery replays the archived WAL (up to the target), then promotes
+                q = self._as_postgres([str(_pg_bin_dir() / "psql"), "-X", "-At", *db, "-c", "select pg_is_in_recovery()"],
+                                      30)  # fmt: skip
+                if q.returncode == 0 and q.stdout.strip() == "f":
+                    break
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"the restored copy was still in recovery after {timeout:g} s; log: {_tail(log)}")
+                time.sleep(0.25)
+            return self._table_counts(db)
+        finally:
+            self._as_postgres([pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"], 120)
+
     def verify_restore(self, timeout: float = 300) -> dict[str, Any]:
         """Prove the repository restores: archive the leader's current WAL (`pgbackrest check`),
         count the rows of every table of the application database on the leader, restore the
@@ -669,52 +717,72 @@ class LocalCluster:
         r = self.pgbackrest(leader, "check", timeout=timeout)
         if r.returncode != 0:
             raise ClusterError(f"pgbackrest check on {leader} failed: {(r.stderr or r.stdout).strip()}")
-        db = ["-d", topo.app.database, "-p", str(topo.pg_port)]
-        live = self._table_counts(["-h", node.socket_dir, *db])
+        live = self._table_counts(["-h", node.socket_dir, "-d", topo.app.database, "-p", str(topo.pg_port)])
         backups = self.backup_info()["backup"]
         if not backups:
             raise ClusterError("the repository holds no backup yet: run plc cluster backup first")
-        owner = pwd.getpwnam(RUN_AS)
         scratch, sock = self._path("data", "restore-check"), self._path("sock", "restore-check")
         for d in (scratch, sock):
             shutil.rmtree(d, ignore_errors=True)
-            d.mkdir(mode=0o700)
-            os.chown(d, owner.pw_uid, owner.pw_gid)
-        log = self._path("logs", "restore-check.log")
-        log.write_bytes(b"")
-        os.chown(log, owner.pw_uid, owner.pw_gid)
-        pg_ctl = str(_pg_bin_dir() / "pg_ctl")
-        started = False
         try:
-            r = self.pgbackrest(leader, f"--pg1-path={scratch}", "--archive-mode=off", "restore", timeout=timeout)
-            if r.returncode != 0:
-                raise ClusterError(f"pgbackrest restore failed (exit {r.returncode}): {(r.stderr or r.stdout).strip()}")
-            opts = (f"-c listen_addresses='' -c unix_socket_directories='{sock}' -c port={topo.pg_port} "
-                    f"-c hba_file='{scratch}/pg_hba.conf' -c ident_file='{scratch}/pg_ident.conf' "
-                    "-c synchronous_standby_names='' -c archive_mode=off -c hot_standby=on")  # fmt: skip
-            r = self._as_postgres([pg_ctl, "-D", str(scratch), "-o", opts, "-l", str(log), "-w", "-t", str(int(timeout)),
-                                   "start"], timeout + 10)  # fmt: skip
-            started = True
-            if r.returncode != 0:
-                raise ClusterError(f"the restored copy did not start: {(r.stderr or r.stdout).strip()}; "
-                                   f"log: {_tail(log)}")  # fmt: skip
-            deadline = time.monotonic() + timeout
-            while True:  # archive recovery replays every archived segment, then promotes
-                q = self._as_postgres([str(_pg_bin_dir() / "psql"), "-X", "-At", "-h", str(sock), *db, "-c",
-                                       "select pg_is_in_recovery()"], 30)  # fmt: skip
-                if q.returncode == 0 and q.stdout.strip() == "f":
-                    break
-                if time.monotonic() > deadline:
-                    raise ClusterError(f"the restored copy was still in recovery after {timeout:g} s")
-                time.sleep(0.25)
-            restored = self._table_counts(["-h", str(sock), *db])
+            restored = self._recover(leader, scratch, sock, ["--archive-mode=off"], archive=False,
+                                     log_name="restore-check.log", timeout=timeout)  # fmt: skip
         finally:
-            if started:
-                self._as_postgres([pg_ctl, "-D", str(scratch), "-m", "fast", "-w", "stop"], 120)
             shutil.rmtree(scratch, ignore_errors=True)
             shutil.rmtree(sock, ignore_errors=True)
         return {"node": leader, "backup": backups[-1]["label"], "live": live, "restored": restored,
                 "seconds": round(time.monotonic() - t0, 1)}  # fmt: skip
+
+    def restore(self, target_time: str | None = None, timeout: float = 600) -> dict[str, Any]:
+        """Disaster recovery of the whole cluster from the repository: stop the mirrors and every
+        Patroni node (and its PostgreSQL), remove the cluster from the DCS (`patronictl remove`),
+        restore the newest backup (or, with ``target_time``, the state at that moment:
+        point-in-time recovery) into pg1 and let it replay the archived WAL and promote, start
+        pg1's Patroni (it becomes the leader of a new timeline), let pg2 and pg3 clone from it
+        with empty data directories, and start the mirrors again (they ingest what the upstream
+        has beyond the restored cursor). Returns {"restored": row counts, "target", "seconds"}."""
+        t0 = time.monotonic()
+        self._require_backups()
+        topo = self.topology()
+        procs = self._load_state()
+        mirrors = [p for p in procs if p.name.startswith("mirror")]
+        patronis = [p for p in procs if p.name.startswith("pg")]
+        self._terminate([p for p in mirrors if p.alive()], signal.SIGTERM, STOP_TIMEOUT)
+        self._terminate([p for p in patronis if p.alive()], signal.SIGTERM, STOP_TIMEOUT)
+        for n in topo.postgres:  # a PostgreSQL whose Patroni was killed still runs (ha-notes §2)
+            self._terminate([Proc(n.name, pid, _start_time(pid) or 0, [], "") for pid in self.postmaster_pids(n.name)[:1]],
+                            signal.SIGINT, STOP_TIMEOUT)  # fmt: skip
+        self._log("stopped the mirrors and every Patroni node")
+        r = self.patronictl("remove", topo.scope, input_=f"{topo.scope}\nYes I am aware\n")
+        if r.returncode != 0:
+            raise ClusterError(f"patronictl remove {topo.scope} failed: {(r.stderr or r.stdout).strip()}")
+        args = ["--delta"]
+        if target_time:
+            args += ["--type=time", f"--target={target_time}", "--target-action=promote"]
+        first = topo.postgres[0]
+        restored = self._recover(first.name, Path(first.data_dir), Path(first.socket_dir), args, archive=True,
+                                 log_name=f"restore-{first.name}.log", timeout=timeout)  # fmt: skip
+        self._log(f"restored {first.name}: {restored}")
+        deadline = time.monotonic() + timeout
+        self.restart_node(first.name)
+        while not any(m.get("name") == first.name and m.get("role") == "leader" and m.get("state") == "running"
+                      for m in self.patroni_members()):  # fmt: skip
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{first.name} did not become the leader after the restore")
+            time.sleep(0.25)
+        owner = pwd.getpwnam(RUN_AS)
+        for n in topo.postgres[1:]:
+            shutil.rmtree(n.data_dir, ignore_errors=True)
+            Path(n.data_dir).mkdir(mode=0o700)
+            os.chown(n.data_dir, owner.pw_uid, owner.pw_gid)
+            self.restart_node(n.name)
+        while not self._patroni_healthy():
+            if time.monotonic() > deadline:
+                raise ClusterError("the replicas did not clone from the restored leader in time")
+            time.sleep(0.25)
+        for m in mirrors:
+            self.restart_node(m.name)
+        return {"restored": restored, "target": target_time, "seconds": round(time.monotonic() - t0, 1)}
 
     # ---- status ----------------------------------------------------------------------------
 

@@ -22,10 +22,14 @@ The mirror nodes run with ``CLUSTER_INGEST`` = "all": every node campaigns for t
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -35,6 +39,7 @@ from pg import remove_tree, traversable_tmpdir
 from plc.cluster.local import ClusterError, LocalCluster
 from plc.tools.generate import generate
 
+ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_INGEST = "all"
 CLUSTER_MIRRORS = 2
 CORPUS_SEED = 5
@@ -129,6 +134,24 @@ def cluster_session(cluster_upstream: FakeUpstream) -> Iterator[LocalCluster]:
             cluster.down()
         finally:
             remove_tree(base)
+
+
+def plc(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """``python -m plc ARGS`` from the repository root; output captured."""
+    return subprocess.run([sys.executable, "-m", "plc", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout, env={**os.environ, **(env or {})})  # fmt: skip
+
+
+def until(what: str, probe: Callable[[], Any], timeout: float = 60.0) -> Any:
+    """Poll ``probe`` until it returns a true value, and return it; fail the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting for {what}")
+        time.sleep(0.25)
 
 
 def cluster_is_healthy(cluster: LocalCluster) -> bool:

@@ -6,9 +6,14 @@ address (network namespace) and its own filesystem (an overlay of the root files
 namespace), made by ansible/scripts/hosts-up. When terraform is on PATH it goes through
 terraform/local (apply = hosts-up + playbook, destroy = hosts-down); otherwise it calls the scripts
 itself. Then: the cluster is healthy, the mirrors ingest a fake upstream (served on the test
-network's controller address) and answer through the balancer, a second run and a --check run
+network's controller address) and answer through the balancer, pgBackRest archives to the
+repository the hosts share and plc-backup backs up on the primary only, a second run and a --check run
 change nothing, a rolling upgrade drops no read, the rendered systemd units pass
-`systemd-analyze verify`, and after the destroy nothing of the hosts is left.
+`systemd-analyze verify`; then day 2 under reads: a fourth node (etcd member, Patroni, mirror) is
+brought up with `testhosts.py add` and joined with add_node.yml, removed again with remove_node.yml,
+and site.yml on the three nodes changes nothing; restore.yml undoes an operator error (every op
+deleted) by a point-in-time restore of the whole cluster; after the destroy nothing of the hosts
+is left.
 
 Needs root, /opt/plc-ansible (ansible-core + ansible-lint), /opt/plc-wheelhouse, /opt/plc-patroni,
 openssh-server, etcd, haproxy, PostgreSQL: `scripts/setup --test` installs them all. Uses the fixed
@@ -21,6 +26,7 @@ import asyncio
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -33,6 +39,8 @@ import httpx
 import pytest
 import uvicorn
 
+from cluster_fixtures import until
+
 REPO = Path(__file__).resolve().parent.parent
 ANSIBLE = REPO / "ansible"
 TOOLS = Path(os.environ.get("PLC_ANSIBLE_VENV", "/opt/plc-ansible")) / "bin"
@@ -43,8 +51,9 @@ SUBNET = "10.77.0.0/24"
 CONTROLLER = "10.77.0.1"
 NODES = {"plc-node-1": "10.77.0.11", "plc-node-2": "10.77.0.12", "plc-node-3": "10.77.0.13"}
 BALANCER = ("plc-balancer-1", "10.77.0.101")
+NEW_NODE = ("plc-node-4", "10.77.0.14")  # added by add_node.yml, then removed by remove_node.yml
 RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
-HA_TEMPLATES = ("etcd.yml.j2", "patroni.yml.j2", "haproxy.cfg.j2")
+HA_TEMPLATES = ("etcd.yml.j2", "patroni.yml.j2", "haproxy.cfg.j2", "pgbackrest.conf.j2")
 
 
 def missing_tools() -> list[str]:
@@ -114,12 +123,14 @@ def test_roles_render_the_ha_templates_and_keep_no_copy() -> None:
     for name in HA_TEMPLATES:
         assert not list(ANSIBLE.rglob(name)), f"a copy of {name} under ansible/"
     uses = {
-        "etcd": "etcd.yml.j2",
-        "postgres": "patroni.yml.j2",
-        "haproxy": "haproxy.cfg.j2",
+        "etcd.yml.j2": "etcd",
+        "patroni.yml.j2": "postgres",
+        "haproxy.cfg.j2": "haproxy",
+        "pgbackrest.conf.j2": "postgres",
     }
-    for role, template in uses.items():
-        tasks = (ANSIBLE / "roles" / role / "tasks" / "main.yml").read_text()
+    assert set(uses) == set(HA_TEMPLATES)
+    for template, role in uses.items():
+        tasks = "".join(p.read_text() for p in (ANSIBLE / "roles" / role / "tasks").glob("*.yml"))
         assert f'src: "{{{{ common_ha_dir }}}}/templates/{template}"' in tasks
     defaults = (ANSIBLE / "roles" / "common" / "defaults" / "main.yml").read_text()
     assert "common_ha_dir: \"{{ (role_path ~ '/../../..') if role_path is defined else (playbook_dir ~ '/..') }}/ha\"" in defaults
@@ -136,15 +147,28 @@ def test_no_secret_in_the_roles() -> None:
 
 
 def test_hosts_scripts_refuse_bad_usage(tmp_path: Path) -> None:
-    for argv in (["up"], ["sideways"], []):
-        proc = subprocess.run([sys.executable, str(ANSIBLE / "scripts" / "testhosts.py"), *argv],
-                              capture_output=True, text=True, timeout=30)  # fmt: skip
-        assert proc.returncode == 2 and "usage:" in proc.stderr
+    script = str(ANSIBLE / "scripts" / "testhosts.py")
+    for argv in (["up"], ["sideways"], [], ["add"], ["add", "a.yml", "b.yml"], ["remove", "a.yml"], ["down", "a", "b"]):
+        proc = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2 and "usage:" in proc.stderr, argv
+        assert "add INVENTORY" in proc.stderr and "remove INVENTORY HOST..." in proc.stderr
     bad = tmp_path / "inventory.yml"
     bad.write_text("all:\n  hosts:\n    a: {}\n")
-    proc = subprocess.run([str(ANSIBLE / "scripts" / "hosts-up"), str(bad)], capture_output=True, text=True, timeout=30)
+    for argv in ([str(ANSIBLE / "scripts" / "hosts-up"), str(bad)], [script, "add", str(bad)]):
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 1
+        assert "without ansible_host or private_ip: a" in proc.stderr or "needs root" in proc.stderr
+    # add only grows a host set that up made for this inventory: here none (and it touches no other set)
+    good = tmp_path / "good.yml"
+    good.write_text("all:\n  hosts:\n    a: {ansible_host: 10.78.0.5}\n")
+    proc = subprocess.run([script, "add", str(good)], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1
-    assert "without ansible_host or private_ip: a" in proc.stderr or "needs root" in proc.stderr
+    assert "no test host set of this inventory runs" in proc.stderr or "needs root" in proc.stderr
+    dup = tmp_path / "dup.yml"
+    dup.write_text("all:\n  hosts:\n    a: {ansible_host: 10.78.0.5}\n    b: {ansible_host: 10.78.0.5}\n")
+    proc = subprocess.run([script, "add", str(dup)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1
+    assert "two inventory hosts have the same address" in proc.stderr or "needs root" in proc.stderr
 
 
 def test_build_wheels_refuses_a_non_checkout(tmp_path: Path) -> None:
@@ -175,7 +199,6 @@ class Upstream:
     with IP_FREEBIND."""
 
     def __init__(self) -> None:
-        sys.path.insert(0, str(REPO / "tests"))
         from cluster_fixtures import corpus_lines
         from fake_upstream import FakeUpstream, record_from_line
 
@@ -307,6 +330,37 @@ def check_cluster(upstream: Upstream) -> None:
     assert doc.json()["id"] == upstream.dids[-1]
 
 
+# Reload a node's HAProxy, wait until the new worker answers on the admin socket, and count the
+# UP servers of its two PostgreSQL backends at once: "<old pid> <new pid> <primary> <replicas>".
+RELOAD_AND_COUNT = """set -eu
+pid() { /usr/local/sbin/plc-haproxy-admin cmd "show info" 2>/dev/null | awk -F': ' '$1 == "Pid" {print $2}'; }
+old=$(pid)
+/usr/local/sbin/plc-service-plc-haproxy reload >/dev/null
+for _ in $(seq 200); do new=$(pid || true); [ -n "$new" ] && [ "$new" != "$old" ] && break; sleep 0.05; done
+echo "$old $new $(/usr/local/sbin/plc-haproxy-admin count-up postgres_primary) $(/usr/local/sbin/plc-haproxy-admin count-up postgres_replicas)"
+"""
+
+
+def check_backups(key: Path) -> None:
+    members = httpx.get(f"http://{NODES['plc-node-1']}:8008/cluster", timeout=5).json()["members"]
+    leader = next(m["name"] for m in members if m["role"] == "leader")
+    replica = next(m["name"] for m in members if m["role"] != "leader")
+    skipped = ssh(NODES[replica], key, "plc-backup full")
+    assert skipped.returncode == 0 and "is not the Patroni primary" in skipped.stdout, skipped.stdout + skipped.stderr
+    taken = ssh(NODES[leader], key, "plc-backup full", timeout=300)
+    assert taken.returncode == 0, taken.stdout + taken.stderr
+    bad = ssh(NODES[leader], key, "plc-backup weekly")
+    assert bad.returncode == 2 and "usage:" in bad.stderr
+    # every node sees the one repository: the backup just taken, and WAL archived by the leader
+    for ip in NODES.values():
+        info = ssh(ip, key, "runuser -u postgres -- pgbackrest --stanza=plc --output=json info")
+        assert info.returncode == 0, info.stderr
+        (stanza,) = json.loads(info.stdout)
+        assert stanza["status"]["code"] == 0, stanza["status"]
+        assert [b["type"] for b in stanza["backup"]] == ["full"]
+        assert stanza["archive"][0]["max"] >= stanza["backup"][0]["archive"]["stop"]
+
+
 class Reader:
     """Reads one DID document through the balancer in a loop; counts answers that are not 200."""
 
@@ -328,8 +382,74 @@ class Reader:
                 time.sleep(0.02)
 
 
+def add_host_to_inventory(path: Path, name: str, ip: str, groups: tuple[str, ...]) -> None:
+    """Add a host with new_node: true to an inventory in the layout module's format (what
+    terraform/local and write_inventory write): under all.hosts and in ``groups``."""
+    text = path.read_text()
+    block = f'    {name}:\n      ansible_host: "{ip}"\n      private_ip: "{ip}"\n      new_node: true\n'
+    text, n = re.subn(r"(?m)^  children:\n", lambda m: block + m.group(0), text, count=1)  # after the last host
+    assert n == 1, text
+    for group in groups:
+        text, n = re.subn(rf"(?m)^    {group}:\n      hosts:\n(?:        \S.*\n)*", lambda m: m.group(0) + f"        {name}:\n",
+                          text)  # fmt: skip
+        assert n == 1, (group, text)
+    path.write_text(text)
+
+
+def patroni_members() -> list[dict]:
+    return httpx.get(f"http://{NODES['plc-node-1']}:8008/cluster", timeout=5).json()["members"]
+
+
+def etcd_members() -> list[str]:
+    """The names of the etcd members (an added member that has not started yet has none: '')."""
+    r = httpx.post(f"http://{NODES['plc-node-1']}:2379/v3/cluster/member/list", content=b"{}", timeout=5)
+    return sorted(m.get("name", "") for m in r.json()["members"])
+
+
+def psql_on(ip: str, key: Path, sql: str) -> str:
+    """One value from the plc database on a PostgreSQL test host, as its postgres OS user."""
+    r = ssh(ip, key, f"runuser -u postgres -- psql -h /var/lib/postgresql/plc-sock -d plc -XAtc {shlex.quote(sql)}")
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def restore_point_in_time(inventory: Path, env: dict[str, str], logs: Path, key: Path, upstream: Upstream) -> None:
+    """An operator error (every op deleted on the primary) undone by restore.yml to the moment
+    before it: the whole cluster comes back with every op, a new timeline, replicas and mirrors."""
+    members = patroni_members()
+    leader_ip = NODES[next(m["name"] for m in members if m["role"] == "leader")]
+    ops = int(psql_on(leader_ip, key, "select count(*) from plc_op"))
+    assert ops == len(upstream.fake.records)
+    target = psql_on(leader_ip, key, "select now()::text")
+    time.sleep(1)
+    psql_on(leader_ip, key, "delete from plc_op")
+    assert psql_on(leader_ip, key, "select count(*) from plc_op") == "0"
+    check = ssh(leader_ip, key, "runuser -u postgres -- pgbackrest --stanza=plc check", timeout=120)  # archive past the target
+    assert check.returncode == 0, check.stderr
+    timeline = max(m["timeline"] for m in members)
+    restore = run(["ansible-playbook", "-i", str(inventory), str(ANSIBLE / "restore.yml"),
+                   "-e", json.dumps({"restore_target_time": target})], env, logs / "restore.log", timeout=900)  # fmt: skip
+    assert restore.returncode == 0, explain(restore, 120)
+    members = patroni_members()
+    leader = next(m for m in members if m["role"] == "leader")
+    assert leader["name"] == "plc-node-1" and leader["timeline"] > timeline, members
+    assert sum(m["state"] == "streaming" for m in members) == len(NODES) - 1, members
+    assert psql_on(NODES["plc-node-1"], key, "select count(*) from plc_op") == str(ops)
+    check_cluster(upstream)
+
+
+def haproxy_servers(ip: str, key: Path, proxy: str) -> dict[str, dict[str, str]]:
+    """The servers of one proxy on a host's HAProxy (its admin socket's `show stat`): name -> row."""
+    out = ssh(ip, key, "/usr/local/sbin/plc-haproxy-admin cmd 'show stat'")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    head = lines[0].lstrip("# ").split(",")
+    rows = [dict(zip(head, line.split(","))) for line in lines[1:] if line]
+    return {r["svname"]: r for r in rows if r["pxname"] == proxy and r["svname"] not in ("FRONTEND", "BACKEND")}
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(1800)
 @needs_tools
 def test_deploy_to_namespace_hosts(tmp_path: Path) -> None:
     env = tool_env()
@@ -374,6 +494,10 @@ def test_deploy_to_namespace_hosts(tmp_path: Path) -> None:
             # -- the cluster is healthy; the mirrors ingest and answer through the balancer
             check_cluster(upstream)
 
+            # -- backups: the stanza exists and WAL reaches the shared repository; plc-backup
+            # backs up on the primary only
+            check_backups(key)
+
             # -- a second run changes nothing
             second = run(["ansible-playbook", "-i", str(inventory), str(ANSIBLE / "site.yml"), "--diff"], env,
                          logs / "run2.log")  # fmt: skip
@@ -389,12 +513,21 @@ def test_deploy_to_namespace_hosts(tmp_path: Path) -> None:
             assert all(c["changed"] == 0 and c["failed"] == 0 for c in recap(check.stdout).values()), \
                 changed_tasks(check.stdout)  # fmt: skip
 
+            # -- a reload keeps the servers' states: the new HAProxy process does not start every
+            # server UP (it would send writes to replicas until its checks caught up)
+            reload = ssh(NODES["plc-node-1"], key, RELOAD_AND_COUNT)
+            old_pid, new_pid, primary_up, replicas_up = reload.stdout.split()
+            assert reload.returncode == 0 and old_pid != new_pid, reload.stdout + reload.stderr
+            assert (primary_up, replicas_up) == ("1", str(len(NODES) - 1)), reload.stdout
+
             # -- the systemd units the roles write pass systemd-analyze verify (on a provisioned node)
             verify = ssh(NODES["plc-node-1"], key, "command -v systemd-analyze >/dev/null || exit 77; "
-                         "ls /etc/systemd/system/plc-*.service && systemd-analyze verify /etc/systemd/system/plc-*.service")  # fmt: skip
+                         "ls /etc/systemd/system/plc-*.service /etc/systemd/system/plc-*.timer && "
+                         "systemd-analyze verify /etc/systemd/system/plc-*.service /etc/systemd/system/plc-*.timer")  # fmt: skip
             if verify.returncode != 77:
                 assert verify.returncode == 0, verify.stdout + verify.stderr
-                assert verify.stdout.count(".service") == 4, verify.stdout
+                # etcd, Patroni, HAProxy, the mirror, and the full and differential backups
+                assert verify.stdout.count(".service") == 6 and verify.stdout.count(".timer") == 2, verify.stdout
 
             # -- rolling upgrade of the mirrors: every read through the balancer keeps working
             before = {n: ssh(ip, key, "cat /run/plc/plc-mirror.pid").stdout.strip() for n, ip in NODES.items()}
@@ -411,6 +544,94 @@ def test_deploy_to_namespace_hosts(tmp_path: Path) -> None:
             assert all(before[n] and after[n] and before[n] != after[n] for n in NODES), (before, after)
             assert reader.failed == [] and reader.ok > 50, (reader.ok, reader.failed[:5])
             check_cluster(upstream)
+
+            # -- day 2: add a fourth node (etcd + PostgreSQL/Patroni + mirror) under reads.
+            # Day-2 adds go through add_node.yml, not through terraform/local (an apply there would
+            # run site.yml): the test adds the host to the inventory file itself, in the layout
+            # format terraform/local writes, and brings only that host up (testhosts.py add).
+            new_name, new_ip = NEW_NODE
+            three_nodes = inventory.read_text()
+            add_host_to_inventory(inventory, new_name, new_ip, ("etcd", "postgres", "plc"))
+            etcd_pids = {n: ssh(ip, key, "cat /run/plc/plc-etcd.pid").stdout.strip() for n, ip in NODES.items()}
+            hosts_add = run([str(ANSIBLE / "scripts" / "testhosts.py"), "add", str(inventory)], env,
+                            logs / "hosts-add.log")  # fmt: skip
+            assert hosts_add.returncode == 0, explain(hosts_add)
+            assert f"test hosts added: {new_name} ({new_ip})" in hosts_add.stdout, hosts_add.stdout
+            pids.update(host_pids())
+            reader = Reader(f"http://{BALANCER[1]}:2582/{upstream.dids[-1]}")
+            reader.thread.start()
+            try:
+                add_node = run(["ansible-playbook", "-i", str(inventory), str(ANSIBLE / "add_node.yml")], env,
+                               logs / "add-node.log", timeout=900)  # fmt: skip
+            finally:
+                reader.stop.set()
+                reader.thread.join(15)
+            assert add_node.returncode == 0, explain(add_node, 120)
+            assert reader.failed == [] and reader.ok > 50, (reader.ok, reader.failed[:5])
+            pids.update(host_pids())
+            members = patroni_members()
+            assert sorted(m["name"] for m in members) == sorted([*NODES, new_name]), members
+            assert [m["state"] for m in members if m["role"] == "leader"] == ["running"], members
+            assert sum(m["state"] == "streaming" for m in members) == 3, members
+            assert etcd_members() == sorted([*NODES, new_name])
+            # the old etcd members kept running (a join changes nothing on them)
+            assert {n: ssh(ip, key, "cat /run/plc/plc-etcd.pid").stdout.strip() for n, ip in NODES.items()} == etcd_pids
+            # the balancer routes to the new mirror, and it answers a DID through it
+            servers = until("the new mirror UP on the balancer", lambda: (
+                s := haproxy_servers(BALANCER[1], key, "mirror")).get(new_name, {}).get("status") == "UP" and s)
+            assert sorted(servers) == sorted([*NODES, new_name]) and {r["status"] for r in servers.values()} == {"UP"}
+            served_before = int(servers[new_name]["stot"])
+            did = upstream.dids[-1]  # check_cluster read it through the balancer: 200
+            for _ in range(3 * len(servers)):  # round robin: every server gets some
+                doc = httpx.get(f"http://{BALANCER[1]}:2582/{did}", timeout=10)
+                assert doc.status_code == 200 and doc.json()["id"] == did, doc.text
+            assert int(haproxy_servers(BALANCER[1], key, "mirror")[new_name]["stot"]) > served_before
+            direct = httpx.get(f"http://{new_ip}:2582/{did}", timeout=10)
+            assert direct.status_code == 200 and direct.json()["id"] == did, direct.text
+            # every old node's HAProxy has the new PostgreSQL and mirror backends
+            for name, ip in NODES.items():
+                cfg = ssh(ip, key, "cat /etc/plc/haproxy.cfg").stdout
+                assert f"server {new_name} {new_ip}:2582 check\n" in cfg, (name, cfg)
+                assert cfg.count(f"server {new_name} {new_ip}:5432 check port 8008\n") == 2, (name, cfg)
+
+            # -- day 2: remove it again under reads
+            reader = Reader(f"http://{BALANCER[1]}:2582/{upstream.dids[-1]}")
+            reader.thread.start()
+            try:
+                remove_node = run(["ansible-playbook", "-i", str(inventory), str(ANSIBLE / "remove_node.yml"),
+                                   "-e", f"remove_node={new_name}"], env, logs / "remove-node.log")  # fmt: skip
+            finally:
+                reader.stop.set()
+                reader.thread.join(15)
+            assert remove_node.returncode == 0, explain(remove_node, 120)
+            assert reader.failed == [] and reader.ok > 20, (reader.ok, reader.failed[:5])
+            # Patroni drops the stopped member's key by itself (at the latest after ttl)
+            members = until("3 Patroni members", lambda: (m := patroni_members()) and len(m) == 3 and m)
+            assert sorted(m["name"] for m in members) == sorted(NODES), members
+            assert sum(m["state"] == "streaming" for m in members) == 2, members
+            assert etcd_members() == sorted(NODES)
+            assert sorted(haproxy_servers(BALANCER[1], key, "mirror")) == sorted(NODES)
+            for ip in (*NODES.values(), BALANCER[1]):
+                assert new_name not in ssh(ip, key, "cat /etc/plc/haproxy.cfg").stdout, ip
+            # nothing of the cluster runs on the removed node any more (the host itself still does,
+            # until the teardown below, which must take it down with the others)
+            status = ssh(new_ip, key, "for s in plc-mirror plc-patroni plc-etcd plc-haproxy; do "
+                         "/usr/local/sbin/plc-service-$s status; done")  # fmt: skip
+            assert status.stdout.count("not running") == 4, status.stdout + status.stderr
+
+            # -- the host leaves the inventory: site.yml on the three nodes changes nothing
+            inventory.write_text(three_nodes)
+            final = run(["ansible-playbook", "-i", str(inventory), str(ANSIBLE / "site.yml"), "--diff"], env,
+                        logs / "run-after-remove.log")  # fmt: skip
+            assert final.returncode == 0, explain(final, 120)
+            counts = recap(final.stdout)
+            assert set(counts) == {*NODES, BALANCER[0]}
+            assert all(c["changed"] == 0 and c["failed"] == 0 for c in counts.values()), changed_tasks(final.stdout)
+            check_cluster(upstream)
+            assert f"plct-{new_name}" in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+            # -- disaster recovery: restore.yml undoes an operator error (point in time)
+            restore_point_in_time(inventory, env, logs, key, upstream)
         finally:
             pids.update(host_pids())
             # -- tear down: terraform destroy (runs hosts-down), or hosts-down itself

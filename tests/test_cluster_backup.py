@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster_fixtures import ensure_healthy
+from cluster_fixtures import ensure_healthy, plc, until
 from fake_upstream import FakeUpstream
 from plc.cluster.local import LocalCluster
 
@@ -30,20 +29,6 @@ needs_pgbackrest = pytest.mark.skipif(shutil.which("pgbackrest") is None,
                                       reason="pgbackrest is not installed (scripts/setup --test)")  # fmt: skip
 
 SEED = drills.APPENDER_SEED + 17  # ops no other test reveals
-
-
-def plc(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "plc", *args], capture_output=True, text=True, timeout=900)
-
-
-def until(what: str, probe, timeout: float = 90.0):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout
-    while True:
-        result = probe()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.25)
 
 
 def cursors(cluster: LocalCluster) -> list[int | None]:

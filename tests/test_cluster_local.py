@@ -5,17 +5,13 @@ processes on loopback (fixtures: tests/cluster_fixtures.py). The cluster tests a
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from cluster_fixtures import leftovers
+from cluster_fixtures import leftovers, plc, until
 from fake_upstream import FakeUpstream
 from plc.cluster.local import ClusterError, LocalCluster
 
@@ -23,23 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_PORTS = [(f"127.0.1.{i}", p) for i in (1, 2, 3) for p in (5432, 8008)] + \
     [(f"127.0.2.{i}", p) for i in (1, 2, 3) for p in (2379, 2380)] + \
     [("127.0.3.1", p) for p in (5432, 5433, 2582, 7000)] + [(f"127.0.4.{i}", 2582) for i in (1, 2)]  # fmt: skip
-
-
-def plc(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "plc", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=timeout, env={**os.environ, **(env or {})})  # fmt: skip
-
-
-def until(what: str, probe, timeout: float = 60.0):
-    """Poll ``probe`` until it returns a true value (bounded)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up waiting for {what}")
-        time.sleep(0.25)
 
 
 def busy_ports() -> list[tuple[str, int]]:

@@ -239,6 +239,15 @@ def test_topology_check_refuses_what_patroni_or_etcd_would(tmp_path: Path, chang
         Topology(**{**t.__dict__, **change}).check()
 
 
+def test_haproxy_keeps_server_states_across_a_reload(tmp_path: Path, health: dict) -> None:
+    t = topology(tmp_path)
+    text = render.render_haproxy(t, health)
+    glob = text[text.index("\nglobal\n") : text.index("\ndefaults\n")]
+    assert f"\n    server-state-file {t.haproxy_state_file}\n" in glob
+    defaults = text[text.index("\ndefaults\n") : text.index("\nlisten ")]
+    assert "\n    load-server-state-from-file global\n" in defaults
+
+
 # ---- etcd
 
 

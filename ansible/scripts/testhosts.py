@@ -9,7 +9,9 @@ Each host gets
 - its own filesystem view: a mount namespace in which an overlay of the root filesystem (upper
   and work directories on a tmpfs private to that namespace) is the host's ``/``, with its own
   /proc, /sys, /run, /tmp and /dev/shm. Installing on one host touches neither the real root nor
-  the other hosts, and everything a host wrote is gone when its last process exits;
+  the other hosts, and everything a host wrote is gone when its last process exits. One
+  directory is shared: <state dir>/shared is mounted at /srv/plc-shared on every host, as one NFS
+  share would be on cloud servers (the tests put the pgBackRest repository there);
 - its own PID and UTS namespaces (the host name is the inventory name). The first process of
   the PID namespace is a small init (this file, ``_init``) that reaps orphans and runs sshd;
   killing it makes the kernel kill every process of the host;
@@ -21,9 +23,17 @@ Usage (also ``ansible/scripts/hosts-up`` / ``hosts-down``):
                                    format: all.hosts.<name>.ansible_host or private_ip) and write
                                    <inventory dir>/group_vars/all/testhosts.yml (how to connect);
                                    a host set that already runs is taken down first
+    testhosts.py add INVENTORY     create the hosts of INVENTORY that are not up yet, next to a
+                                   host set that runs (``up`` made it for this inventory's
+                                   directory); running hosts are left untouched, and every
+                                   host's /etc/hosts then lists them all. For day-2 tests:
+                                   add a host to the inventory, ``add``, run add_node.yml
+    testhosts.py remove INVENTORY HOST...
+                                   take those hosts down (every process, the namespace, the
+                                   state), leave the others running; idempotent
     testhosts.py down [INVENTORY]  stop every process of every test host, delete the namespaces,
                                    the controller's veth and the generated files; idempotent,
-                                   and complete after a failed or interrupted ``up`` too
+                                   and complete after a failed or interrupted ``up``/``add`` too
 
 State (keys, sshd configs, logs) lives in $PLC_TESTHOSTS_DIR, default <inventory dir>/testhosts.
 Needs root, iproute2, util-linux (unshare), openssh-server (scripts/setup --test installs it).
@@ -34,6 +44,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -49,6 +60,7 @@ CTL_VETH = PREFIX + "ctl"  # the controller's end, in the root namespace
 UP_TIMEOUT = 30.0
 VARS_NAME = "testhosts.yml"
 SECRETS_NAME = "testhosts-secrets.yml"
+SHARED_MOUNT = "/srv/plc-shared"  # the same controller directory on every host (<state dir>/shared)
 
 
 class HostsError(RuntimeError):
@@ -101,6 +113,8 @@ def read_inventory(path: Path) -> tuple[dict[str, str], str]:
     for name, addr in hosts.items():
         if ipaddress.ip_address(addr) not in net:
             raise HostsError(f"{name}: {addr} is not in {net}")
+    if len(set(hosts.values())) != len(hosts):
+        raise HostsError("two inventory hosts have the same address")
     return hosts, str(net)
 
 
@@ -136,6 +150,12 @@ def host_init(name: str, addr: str, hdir: str, all_hosts_json: str) -> None:
     mount("-t", "tmpfs", "-o", "mode=1777", "shm", str(root / "dev" / "shm"))
     mount("-t", "tmpfs", "-o", "mode=0755", "run", str(root / "run"))
     mount("-t", "tmpfs", "-o", "mode=1777", "tmp", str(root / "tmp"))
+    # One directory of the controller that every host mounts at SHARED_MOUNT, as cloud servers
+    # would mount one NFS share: the tests keep the pgBackRest repository there.
+    shared = h.parent / "shared"
+    shared.mkdir(mode=0o755, exist_ok=True)
+    (root / SHARED_MOUNT.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    mount("--bind", str(shared), str(root / SHARED_MOUNT.lstrip("/")))
     (root / "run" / "sshd").mkdir(mode=0o755)
     ssh = root / "etc" / "ssh"
     ssh.mkdir(parents=True, exist_ok=True)
@@ -170,7 +190,7 @@ def host_init(name: str, addr: str, hdir: str, all_hosts_json: str) -> None:
             break
 
 
-# ---------------------------------------------------------------------------- up / down
+# ---------------------------------------------------------------------------- up / add / remove / down
 
 
 def namespaces() -> list[str]:
@@ -186,11 +206,8 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def down(inventory: Path | None) -> list[str]:
-    """Stop everything of every test host; returns what was removed. Idempotent."""
-    removed: list[str] = []
-    nss = namespaces()
-    # Kill every process in every host namespace (the init's death takes its PID namespace with it).
+def _kill_namespaces(nss: list[str]) -> None:
+    """Kill every process in the network namespaces ``nss`` and wait until they are gone."""
     deadline = time.monotonic() + 20
     seen: set[int] = set()
     while True:
@@ -209,9 +226,17 @@ def down(inventory: Path | None) -> list[str]:
             raise HostsError(f"processes of the test hosts do not exit: {pids}")
         time.sleep(0.1)
     # A killed process leaves the namespace before its parent has reaped it: wait until every
-    # one is gone (or a zombie only), so that nothing of the hosts is left when down returns.
+    # one is gone (or a zombie only), so that nothing of the hosts is left when this returns.
     while any(_alive(pid) for pid in seen) and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def down(inventory: Path | None) -> list[str]:
+    """Stop everything of every test host; returns what was removed. Idempotent."""
+    removed: list[str] = []
+    nss = namespaces()
+    # Kill every process in every host namespace (the init's death takes its PID namespace with it).
+    _kill_namespaces(nss)
     for ns in nss:
         sh("ip", "netns", "del", ns, check=False)
         removed.append(f"netns {ns}")
@@ -231,6 +256,24 @@ def down(inventory: Path | None) -> list[str]:
     return removed
 
 
+def remove(inventory: Path, names: list[str]) -> list[str]:
+    """Take the hosts ``names`` down (processes, namespace, state); the others keep running."""
+    if os.geteuid() != 0:
+        raise HostsError("removing test hosts needs root")
+    removed: list[str] = []
+    nss = [PREFIX + n for n in names if PREFIX + n in namespaces()]
+    _kill_namespaces(nss)
+    for ns in nss:
+        sh("ip", "netns", "del", ns, check=False)  # takes eth0 and so its veth peer in the switch along
+        removed.append(f"netns {ns}")
+    sd = state_dir(inventory)
+    for name in names:
+        if name not in ("", ".", "..") and "/" not in name and (sd / name).is_dir():
+            shutil.rmtree(sd / name, ignore_errors=True)
+            removed.append(str(sd / name))
+    return removed
+
+
 def _wait_ssh(addr: str, deadline: float, procs: dict[str, subprocess.Popen], name: str, log: Path) -> None:
     while True:
         try:
@@ -246,17 +289,95 @@ def _wait_ssh(addr: str, deadline: float, procs: dict[str, subprocess.Popen], na
         time.sleep(0.1)
 
 
-def up(inventory: Path) -> dict[str, str]:
+def _check_tools() -> None:
     if os.geteuid() != 0:
         raise HostsError("hosts-up needs root (network and mount namespaces)")
     for prog in ("ip", "unshare", "ssh-keygen", "/usr/sbin/sshd"):
         if not shutil.which(prog):
             raise HostsError(f"{prog} is missing (scripts/setup --test installs openssh-server)")
+
+
+def _free_veths(count: int) -> list[str]:
+    """``count`` names plct-v<i> not taken in the switch namespace (a veth per host lives there)."""
+    taken = set(re.findall(r"^\d+: ([^:@]+)", sh("ip", "-n", SWITCH, "-o", "link", "show").stdout, re.M))
+    names, i = [], 1
+    while len(names) < count:
+        if f"{PREFIX}v{i}" not in taken:
+            names.append(f"{PREFIX}v{i}")
+        i += 1
+    return names
+
+
+def _start_hosts(sd: Path, new: dict[str, str], net: ipaddress.IPv4Network | ipaddress.IPv6Network, ctl_addr: str,
+                 all_hosts: dict[str, str]) -> None:
+    """Create the hosts ``new`` (name -> address) on the running switch; wait until sshd answers."""
+    key = sd / "id_ed25519"
+    procs: dict[str, subprocess.Popen] = {}
+    logs: dict[str, Path] = {}
+    for (name, addr), veth in zip(new.items(), _free_veths(len(new))):
+        ns = PREFIX + name
+        hdir = sd / name
+        if hdir.exists():
+            shutil.rmtree(hdir)
+        hdir.mkdir(mode=0o700)
+        sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(hdir / "ssh_host_ed25519_key"))
+        shutil.copy(key.with_suffix(".pub"), hdir / "authorized_keys")
+        sh("ip", "netns", "add", ns)
+        # The MAC address follows from the IP address: a host taken down and added again keeps it,
+        # so the neighbour caches of the controller and the other hosts stay right.
+        mac = "02:00:" + ":".join(f"{b:02x}" for b in ipaddress.ip_address(addr).packed[-4:])
+        sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "address", mac, "netns", ns)
+        sh("ip", "link", "set", veth, "netns", SWITCH)
+        sh("ip", "-n", SWITCH, "link", "set", veth, "master", "br0", "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", ns, "addr", "add", f"{addr}/{net.prefixlen}", "dev", "eth0")
+        sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        sh("ip", "-n", ns, "route", "add", "default", "via", ctl_addr)
+        logs[name] = hdir / "host.log"
+        with open(logs[name], "ab") as out:
+            procs[name] = subprocess.Popen(
+                ["ip", "netns", "exec", ns, "unshare", "--mount", "--uts", "--pid", "--fork",
+                 "--propagation", "private", sys.executable, os.path.abspath(__file__), "_init",
+                 name, addr, str(hdir), json.dumps(all_hosts)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+    deadline = time.monotonic() + UP_TIMEOUT
+    for name, addr in new.items():
+        _wait_ssh(addr, deadline, procs, name, logs[name])
+
+
+def _host_address(name: str) -> str:
+    out = sh("ip", "-n", PREFIX + name, "-4", "-o", "addr", "show", "dev", "eth0", check=False).stdout
+    m = re.search(r"inet ([0-9.]+)/", out)
+    return m.group(1) if m else ""
+
+
+def _host_root(name: str) -> Path | None:
+    """/proc/<pid>/root of the host's init (PID 1 of its PID namespace): its filesystem as it sees it."""
+    for p in sh("ip", "netns", "pids", PREFIX + name, check=False).stdout.split():
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            continue
+        m = re.search(r"^NSpid:\s+(.*)$", status, re.M)
+        if m and m.group(1).split()[-1] == "1":
+            return Path(f"/proc/{p}/root")
+    return None
+
+
+def _layout(inventory: Path) -> tuple[dict[str, str], ipaddress.IPv4Network | ipaddress.IPv6Network, str]:
+    """(hosts, subnet, the controller's address: the subnet's first) of ``inventory``."""
+    _check_tools()
     hosts, cidr = read_inventory(inventory)
     net = ipaddress.ip_network(cidr)
     ctl_addr = str(next(net.hosts()))
     if ctl_addr in hosts.values():
         raise HostsError(f"{ctl_addr} (the subnet's first address) is the controller's; no host may use it")
+    return hosts, net, ctl_addr
+
+
+def up(inventory: Path) -> dict[str, str]:
+    hosts, net, ctl_addr = _layout(inventory)
     down(None)  # a clean slate: no test host from an earlier run
     sd = state_dir(inventory)
     if sd.exists():
@@ -272,35 +393,7 @@ def up(inventory: Path) -> dict[str, str]:
     sh("ip", "-n", SWITCH, "link", "set", "ctl", "master", "br0", "up")
     sh("ip", "addr", "add", f"{ctl_addr}/{net.prefixlen}", "dev", CTL_VETH)
     sh("ip", "link", "set", CTL_VETH, "up")
-
-    procs: dict[str, subprocess.Popen] = {}
-    logs: dict[str, Path] = {}
-    for i, (name, addr) in enumerate(hosts.items(), 1):
-        ns = PREFIX + name
-        hdir = sd / name
-        hdir.mkdir(mode=0o700)
-        sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(hdir / "ssh_host_ed25519_key"))
-        shutil.copy(key.with_suffix(".pub"), hdir / "authorized_keys")
-        sh("ip", "netns", "add", ns)
-        veth = f"{PREFIX}v{i}"
-        sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        sh("ip", "link", "set", veth, "netns", SWITCH)
-        sh("ip", "-n", SWITCH, "link", "set", veth, "master", "br0", "up")
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
-        sh("ip", "-n", ns, "addr", "add", f"{addr}/{net.prefixlen}", "dev", "eth0")
-        sh("ip", "-n", ns, "link", "set", "eth0", "up")
-        sh("ip", "-n", ns, "route", "add", "default", "via", ctl_addr)
-        logs[name] = hdir / "host.log"
-        with open(logs[name], "ab") as out:
-            procs[name] = subprocess.Popen(
-                ["ip", "netns", "exec", ns, "unshare", "--mount", "--uts", "--pid", "--fork",
-                 "--propagation", "private", sys.executable, os.path.abspath(__file__), "_init",
-                 name, addr, str(hdir), json.dumps(hosts)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-    deadline = time.monotonic() + UP_TIMEOUT
-    for name, addr in hosts.items():
-        _wait_ssh(addr, deadline, procs, name, logs[name])
+    _start_hosts(sd, hosts, net, ctl_addr, hosts)
 
     gv = inventory.resolve().parent / "group_vars" / "all"
     gv.mkdir(parents=True, exist_ok=True)
@@ -314,6 +407,10 @@ def up(inventory: Path) -> dict[str, str]:
             "ansible_pipelining": True,
             "plc_service_manager": "daemon",
             "plc_testhosts_controller_ip": ctl_addr,
+            # pgBackRest's repository on the directory every host mounts (SHARED_MOUNT), as on
+            # an NFS share; cloud deployments rather use an S3 bucket (docs/operations.md).
+            "plc_backup_repo_type": "posix",
+            "plc_backup_repo_path": f"{SHARED_MOUNT}/pgbackrest",
         }, indent=1) + "\n"
     )  # fmt: skip
     secrets_file = gv / SECRETS_NAME
@@ -331,23 +428,60 @@ def up(inventory: Path) -> dict[str, str]:
     return hosts
 
 
+def add(inventory: Path) -> dict[str, str]:
+    """Create the hosts of ``inventory`` that are not up yet; returns them (name -> address)."""
+    hosts, net, ctl_addr = _layout(inventory)
+    sd = state_dir(inventory)
+    nss = namespaces()
+    if SWITCH not in nss or not (sd / "id_ed25519").is_file() or \
+            not (inventory.resolve().parent / "group_vars" / "all" / VARS_NAME).is_file():  # fmt: skip
+        raise HostsError(f"no test host set of this inventory runs (nothing in {sd}): use up")
+    running = {ns[len(PREFIX):]: _host_address(ns[len(PREFIX):]) for ns in nss if ns != SWITCH}
+    for name, addr in hosts.items():
+        if name in running and running[name] != addr:
+            raise HostsError(f"{name} runs with address {running[name] or 'none'}, the inventory says {addr}")
+    new = {n: a for n, a in hosts.items() if n not in running}
+    clash = [n for n, a in new.items() if a in running.values()]
+    if clash:
+        raise HostsError(f"the address of {', '.join(clash)} is taken by a running host")
+    try:
+        _start_hosts(sd, new, net, ctl_addr, hosts)
+    except BaseException:
+        remove(inventory, list(new))  # a failed add leaves the running hosts as they were, and no new one
+        raise
+    # Every running host of the inventory learns the new names (/etc/hosts of its own filesystem).
+    etc_hosts = "127.0.0.1 localhost\n" + "".join(f"{a} {n}\n" for n, a in hosts.items())
+    for name in hosts:
+        if name in running and (root := _host_root(name)) is not None:
+            (root / "etc" / "hosts").write_text(etc_hosts)
+    return new
+
+
 def main(argv: list[str]) -> int:
     if len(argv) >= 2 and argv[1] == "_init":
         host_init(*argv[2:6])
         return 0
-    if len(argv) < 2 or argv[1] not in ("up", "down") or (argv[1] == "up" and len(argv) != 3):
+    cmd, nargs = (argv[1] if len(argv) > 1 else ""), len(argv) - 2
+    if not ((cmd in ("up", "add") and nargs == 1) or (cmd == "down" and nargs <= 1) or (cmd == "remove" and nargs >= 2)):
         print(__doc__.split("Usage")[0].strip(), file=sys.stderr)
-        print("usage: testhosts.py up INVENTORY | down [INVENTORY]", file=sys.stderr)
+        print("usage: testhosts.py up INVENTORY | add INVENTORY | remove INVENTORY HOST... | down [INVENTORY]",
+              file=sys.stderr)  # fmt: skip
         return 2
     inventory = Path(argv[2]) if len(argv) > 2 else None
     try:
-        if argv[1] == "up":
+        if cmd == "up":
             try:
                 hosts = up(inventory)
             except BaseException:
                 down(inventory)  # a failed up leaves nothing behind either
                 raise
             print("test hosts up: " + ", ".join(f"{n} ({a})" for n, a in hosts.items()))
+        elif cmd == "add":
+            hosts = add(inventory)
+            print("test hosts added: " + (", ".join(f"{n} ({a})" for n, a in hosts.items()) or "none (all were up)"))
+        elif cmd == "remove":
+            removed = remove(inventory, argv[3:])
+            print("test hosts removed" + (": " + ", ".join(removed) if removed else ": none was up"))
         else:
             removed = down(inventory)
             print("test hosts down" + (": removed " + ", ".join(removed) if removed else ": nothing was up"))
@@ -355,7 +489,6 @@ def main(argv: list[str]) -> int:
         print(f"{Path(argv[0]).name}: {exc}", file=sys.stderr)
         return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv))

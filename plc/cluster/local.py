@@ -72,6 +72,7 @@ MAX_MIRRORS = 3
 INGEST_MODES = ("all", "first", "none")
 MARKER = ".plc-cluster"  # written by up; down and status touch only directories that have it
 STANZA = "plc"
+EMPTY_SERVER_STATE = "1\n"  # HAProxy's server-state file format version, and no server
 BACKUP_TYPES = ("full", "diff", "incr")
 DATA_DIRS = ("data", "sock", "run", "backup")  # deleted by down (and by up, before it starts)
 
@@ -248,6 +249,7 @@ class LocalCluster:
             haproxy_host=HAPROXY_HOST,
             haproxy_pidfile=str(d / "run" / "haproxy.pid"),
             haproxy_stats_socket=str(d / "run" / "haproxy.sock"),
+            haproxy_state_file=str(d / "run" / "haproxy.state"),
             superuser=User("postgres", s["superuser"]),
             replication=User("replicator", s["replication"]),
             rewind=User("rewinder", s["rewind"]),
@@ -511,6 +513,7 @@ class LocalCluster:
         t = time.monotonic()
         hcfg = self._path("cfg", "haproxy.cfg")
         hcfg.write_text(render.render_haproxy(topo, self.health))
+        Path(topo.haproxy_state_file).write_text(EMPTY_SERVER_STATE)  # no saved states: checks decide
         check = subprocess.run([haproxy_bin, "-c", "-q", "-f", str(hcfg)], capture_output=True, text=True)
         if check.returncode != 0:
             raise ClusterError(f"rendered HAProxy config is invalid: {check.stdout}{check.stderr}")

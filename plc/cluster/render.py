@@ -178,6 +178,7 @@ class Topology:
     haproxy_mirror_port: int = 2582
     haproxy_stats_port: int = 7000
     haproxy_maxconn: int = 500
+    haproxy_state_file: str = "/run/plc-haproxy/server-state"  # written before a reload, read at start
     # DCS and replication timings (docs/ha.md explains each): ttl 20 is Patroni's floor, and
     # loop_wait + 2 * retry_timeout <= ttl must hold.
     ttl: int = 20
@@ -367,6 +368,7 @@ def haproxy_context(t: Topology, health: Mapping[str, Any]) -> dict[str, Any]:
         "haproxy": {
             "host": t.haproxy_host, "maxconn": t.haproxy_maxconn, "pidfile": t.haproxy_pidfile,
             "stats_socket": t.haproxy_stats_socket, "stats_port": t.haproxy_stats_port,
+            "state_file": t.haproxy_state_file,
         },  # fmt: skip
         "postgres_frontends": [
             {"name": "postgres_primary", "port": t.haproxy_primary_port, "balance": "first",

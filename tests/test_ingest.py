@@ -128,6 +128,23 @@ async def test_sync_stores_exactly_the_valid_ops_and_records_every_rejection(pg_
         await conn.close()
 
 
+async def test_max_batches_is_a_bound_even_when_more_batches_are_queued(pg_database, fake_upstream_factory):
+    """run(max_batches=N) makes at most N commits: with batches queued behind the one in flight, it
+    commits that one and stops instead of taking (and then committing) one more group."""
+    lines = corpus(9, 150)
+    fake = await fake_upstream_factory([record_from_line(line) for line, _, _ in lines])
+    conn = await connect(pg_database.dsn)
+    try:
+        for workers in (0, 1):
+            for _ in range(3):
+                async with upstream(fake, page_count=10) as up:
+                    ing = Ingestor(conn, up, upstream_name=f"up{workers}", batch_max=10, workers=workers,
+                                   connect_kwargs=pg_database.connect_kwargs)  # fmt: skip
+                    assert await ing.run(max_batches=1) == 1
+    finally:
+        await conn.close()
+
+
 async def test_interrupted_runs_resume_to_the_same_state(pg_dsn, fake_upstream_factory):
     lines = corpus(8, 150)
     fake = await fake_upstream_factory([record_from_line(line) for line, _, _ in lines])

@@ -198,7 +198,8 @@ class Ingestor:
         in_flight: tuple[_Group, list[Outcome]] | None = None
         try:
             while not stop.is_set() and (max_batches is None or done_batches < max_batches):
-                if in_flight is not None and queue.empty():  # nothing to overlap with: commit now
+                last = max_batches is not None and done_batches + 1 >= max_batches
+                if in_flight is not None and (queue.empty() or last):  # nothing to overlap with, or the last commit
                     await self._commit(*in_flight)
                     in_flight = None
                     done_batches += 1

@@ -177,6 +177,21 @@ def test_build_wheels_refuses_a_non_checkout(tmp_path: Path) -> None:
     assert proc.returncode == 1 and "is not a plc checkout" in proc.stderr
 
 
+@pytest.mark.skipif(not (TOOLS / "ansible-playbook").exists(), reason="run scripts/setup --test (no ansible-playbook)")
+def test_restore_refuses_a_restore_node_outside_the_postgres_group(tmp_path: Path) -> None:
+    """restore.yml checks its input on the controller before it stops anything on any host (the
+    hosts here do not even exist: nothing could be touched)."""
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text("all:\n  hosts:\n    a: {ansible_host: 192.0.2.1}\n  children:\n"
+                         "    postgres: {hosts: {a: {}}}\n    plc: {hosts: {a: {}}}\n")  # fmt: skip
+    proc = subprocess.run([str(TOOLS / "ansible-playbook"), "-i", str(inventory), str(ANSIBLE / "restore.yml"),
+                           "-e", "restore_node=b"], cwd=REPO, env={**tool_env(), "HOME": str(tmp_path)},
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode != 0
+    assert "restore_node must name a host of the postgres group" in proc.stdout + proc.stderr
+    assert "Stop the mirror" not in proc.stdout  # it stopped before the first play on the hosts
+
+
 # ------------------------------------------------------------------------------ lint
 
 
@@ -382,6 +397,30 @@ class Reader:
                 time.sleep(0.02)
 
 
+def playbook_under_reads(url: str, min_ok: int, argv: list[str], env: dict[str, str], log: Path,
+                         timeout: float = 600) -> subprocess.CompletedProcess:  # fmt: skip
+    """Run ``argv`` (a playbook) while a Reader reads ``url`` through the balancer; it must succeed
+    with more than ``min_ok`` reads and not one failed read."""
+    reader = Reader(url)
+    reader.thread.start()
+    try:
+        proc = run(argv, env, log, timeout=timeout)
+    finally:
+        reader.stop.set()
+        reader.thread.join(15)
+    assert proc.returncode == 0, explain(proc, 120)
+    assert reader.failed == [] and reader.ok > min_ok, (reader.ok, reader.failed[:5])
+    return proc
+
+
+def assert_changed_nothing(proc: subprocess.CompletedProcess, hosts: set[str]) -> None:
+    """A playbook run that succeeded on exactly ``hosts`` and changed nothing on any of them."""
+    assert proc.returncode == 0, explain(proc, 120)
+    counts = recap(proc.stdout)
+    assert set(counts) == hosts
+    assert all(c["changed"] == 0 and c["failed"] == 0 for c in counts.values()), changed_tasks(proc.stdout)
+
+
 def add_host_to_inventory(path: Path, name: str, ip: str, groups: tuple[str, ...]) -> None:
     """Add a host with new_node: true to an inventory in the layout module's format (what
     terraform/local and write_inventory write): under all.hosts and in ``groups``."""
@@ -501,10 +540,7 @@ def test_deploy_to_namespace_hosts(tmp_path: Path) -> None:
             # -- a second run changes nothing
             second = run(["ansible-playbook", "-i", str(inventory), str(ANSIBLE / "site.yml"), "--diff"], env,
                          logs / "run2.log")  # fmt: skip
-            assert second.returncode == 0, explain(second, 120)
-            counts = recap(second.stdout)
-            assert set(counts) == {*NODES, BALANCER[0]}
-            assert all(c["changed"] == 0 and c["failed"] == 0 for c in counts.values()), changed_tasks(second.stdout)
+            assert_changed_nothing(second, {*NODES, BALANCER[0]})
 
             # -- --check runs through and would change nothing either
             check = run(["ansible-playbook", "-i", str(inventory), str(ANSIBLE / "site.yml"), "--check", "--diff"],
@@ -531,18 +567,11 @@ def test_deploy_to_namespace_hosts(tmp_path: Path) -> None:
 
             # -- rolling upgrade of the mirrors: every read through the balancer keeps working
             before = {n: ssh(ip, key, "cat /run/plc/plc-mirror.pid").stdout.strip() for n, ip in NODES.items()}
-            reader = Reader(f"http://{BALANCER[1]}:2582/{upstream.dids[-1]}")  # check_cluster read it: 200
-            reader.thread.start()
-            try:
-                upgrade = run(["ansible-playbook", "-i", str(inventory), str(ANSIBLE / "rolling_upgrade.yml")], env,
-                              logs / "upgrade.log")  # fmt: skip
-            finally:
-                reader.stop.set()
-                reader.thread.join(15)
-            assert upgrade.returncode == 0, explain(upgrade, 120)
+            read_url = f"http://{BALANCER[1]}:2582/{upstream.dids[-1]}"  # check_cluster read it: 200
+            playbook_under_reads(read_url, 50, ["ansible-playbook", "-i", str(inventory),
+                                                str(ANSIBLE / "rolling_upgrade.yml")], env, logs / "upgrade.log")  # fmt: skip
             after = {n: ssh(ip, key, "cat /run/plc/plc-mirror.pid").stdout.strip() for n, ip in NODES.items()}
             assert all(before[n] and after[n] and before[n] != after[n] for n in NODES), (before, after)
-            assert reader.failed == [] and reader.ok > 50, (reader.ok, reader.failed[:5])
             check_cluster(upstream)
 
             # -- day 2: add a fourth node (etcd + PostgreSQL/Patroni + mirror) under reads.
@@ -558,16 +587,8 @@ def test_deploy_to_namespace_hosts(tmp_path: Path) -> None:
             assert hosts_add.returncode == 0, explain(hosts_add)
             assert f"test hosts added: {new_name} ({new_ip})" in hosts_add.stdout, hosts_add.stdout
             pids.update(host_pids())
-            reader = Reader(f"http://{BALANCER[1]}:2582/{upstream.dids[-1]}")
-            reader.thread.start()
-            try:
-                add_node = run(["ansible-playbook", "-i", str(inventory), str(ANSIBLE / "add_node.yml")], env,
-                               logs / "add-node.log", timeout=900)  # fmt: skip
-            finally:
-                reader.stop.set()
-                reader.thread.join(15)
-            assert add_node.returncode == 0, explain(add_node, 120)
-            assert reader.failed == [] and reader.ok > 50, (reader.ok, reader.failed[:5])
+            playbook_under_reads(read_url, 50, ["ansible-playbook", "-i", str(inventory), str(ANSIBLE / "add_node.yml")],
+                                 env, logs / "add-node.log", timeout=900)  # fmt: skip
             pids.update(host_pids())
             members = patroni_members()
             assert sorted(m["name"] for m in members) == sorted([*NODES, new_name]), members
@@ -595,16 +616,8 @@ def test_deploy_to_namespace_hosts(tmp_path: Path) -> None:
                 assert cfg.count(f"server {new_name} {new_ip}:5432 check port 8008\n") == 2, (name, cfg)
 
             # -- day 2: remove it again under reads
-            reader = Reader(f"http://{BALANCER[1]}:2582/{upstream.dids[-1]}")
-            reader.thread.start()
-            try:
-                remove_node = run(["ansible-playbook", "-i", str(inventory), str(ANSIBLE / "remove_node.yml"),
-                                   "-e", f"remove_node={new_name}"], env, logs / "remove-node.log")  # fmt: skip
-            finally:
-                reader.stop.set()
-                reader.thread.join(15)
-            assert remove_node.returncode == 0, explain(remove_node, 120)
-            assert reader.failed == [] and reader.ok > 20, (reader.ok, reader.failed[:5])
+            playbook_under_reads(read_url, 20, ["ansible-playbook", "-i", str(inventory), str(ANSIBLE / "remove_node.yml"),
+                                                "-e", f"remove_node={new_name}"], env, logs / "remove-node.log")  # fmt: skip
             # Patroni drops the stopped member's key by itself (at the latest after ttl)
             members = until("3 Patroni members", lambda: (m := patroni_members()) and len(m) == 3 and m)
             assert sorted(m["name"] for m in members) == sorted(NODES), members
@@ -623,10 +636,7 @@ def test_deploy_to_namespace_hosts(tmp_path: Path) -> None:
             inventory.write_text(three_nodes)
             final = run(["ansible-playbook", "-i", str(inventory), str(ANSIBLE / "site.yml"), "--diff"], env,
                         logs / "run-after-remove.log")  # fmt: skip
-            assert final.returncode == 0, explain(final, 120)
-            counts = recap(final.stdout)
-            assert set(counts) == {*NODES, BALANCER[0]}
-            assert all(c["changed"] == 0 and c["failed"] == 0 for c in counts.values()), changed_tasks(final.stdout)
+            assert_changed_nothing(final, {*NODES, BALANCER[0]})
             check_cluster(upstream)
             assert f"plct-{new_name}" in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
 
